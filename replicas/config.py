@@ -1,0 +1,84 @@
+"""Engine configuration, validated once at the edge."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kernels import AttentionBackendName
+
+
+class EngineConfigError(ValueError):
+    """The engine cannot start with this configuration; the message says what to change."""
+
+
+class EngineConfig(BaseModel):
+    """Everything an `LLMEngine` needs to start. Fields that depend on the model or the machine may be `None`
+    and are resolved when the engine starts (`max_model_len` from the model config, threads from the CPUs given)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    model: str = Field(description="Local directory in Hugging Face format (config.json, safetensors, tokenizer)")
+    tokenizer: str | None = Field(default=None, description="Tokenizer directory; defaults to `model`")
+    served_model_name: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    block_size: int = Field(default=16, ge=1, le=256)
+    kv_cache_memory_bytes: int | None = Field(default=None, gt=0, description="KV cache budget in bytes")
+    kv_cache_memory_fraction: float = Field(
+        default=0.85, gt=0.0, le=1.0, description="GPU only: fraction of free memory after weights used for KV"
+    )
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    enable_prefix_caching: bool = True
+    attention_backend: AttentionBackendName = "auto"
+    kv_allocation: Literal["paged", "contiguous"] = Field(
+        default="paged",
+        description="`contiguous` reserves max_model_len slots per sequence at admission (the traditional scheme; "
+        "for benchmarks that isolate the gain of paging)",
+    )
+    seed: int = 0
+    num_threads: int | None = Field(default=None, ge=1, description="torch threads; default: the CPUs given")
+    max_stop_strings: int = Field(default=16, ge=0)
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, block_size: int) -> int:
+        if block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        return block_size
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir_exists(cls, model: str) -> str:
+        path = Path(model)
+        if not path.is_dir():
+            raise ValueError(f"model directory {model!r} does not exist (models load from local HF directories)")
+        if not (path / "config.json").exists():
+            raise ValueError(f"{model!r} has no config.json: not a Hugging Face model directory")
+        return model
+
+    def hf_config(self) -> dict:
+        return json.loads((Path(self.model) / "config.json").read_text())
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise EngineConfigError("device='cuda' but CUDA is not available on this machine")
+        return self.device
+
+    def resolved_num_threads(self) -> int:
+        if self.num_threads is not None:
+            return self.num_threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)

@@ -1,0 +1,157 @@
+"""Owns the model and the KV cache tensors; turns a scheduled step into one forward pass over a flattened batch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+import kernels
+from replicas.config import EngineConfig, EngineConfigError
+from replicas.models import load_model
+from replicas.models.layers import AttentionMetadata
+from replicas.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+
+def resolve_dtype(config: EngineConfig, hf_config: object, device: str) -> torch.dtype:
+    if config.dtype != "auto":
+        dtype = _DTYPES[config.dtype]
+    elif device == "cpu":
+        dtype = torch.float32  # half-precision GEMMs are slow or missing on most CPUs
+    else:
+        dtype = getattr(hf_config, "dtype", None) or torch.float16
+        if dtype == torch.float32:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dtype
+
+
+class ModelRunner:
+    """Loads the model, allocates one key and one value tensor per layer, runs steps."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.resolved_device())
+        self.hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=False)
+        self.dtype = resolve_dtype(config, self.hf_config, self.device.type)
+        max_position = int(getattr(self.hf_config, "max_position_embeddings", 0) or 0)
+        self.max_model_len = config.max_model_len or max_position
+        if max_position and self.max_model_len > max_position:
+            raise EngineConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {max_position}"
+            )
+        self.model = load_model(config.model, self.hf_config, self.dtype, self.device, max(self.max_model_len, 1))
+        self.backend = kernels.load_backend(config.attention_backend, self.device)
+        attention_layers = self.model.attention_layers()
+        first = attention_layers[0]
+        self.kv_spec = KVCacheSpec(
+            len(attention_layers), first.num_kv_heads, first.head_dim, config.block_size, self.dtype
+        )
+        self.num_blocks = self._num_kv_blocks()
+        shape = (self.num_blocks, config.block_size, first.num_kv_heads, first.head_dim)
+        self.key_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in attention_layers]
+        self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in attention_layers]
+        for layer, key_cache, value_cache in zip(attention_layers, self.key_caches, self.value_caches):
+            layer.bind(self.backend, key_cache, value_cache)
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens, %d bytes per token, %.2f GiB, backend %s",
+            self.num_blocks,
+            config.block_size,
+            self.num_blocks * config.block_size,
+            self.kv_spec.bytes_per_token,
+            self.num_blocks * self.kv_spec.bytes_per_block / 1024**3,
+            self.backend.__name__,
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    def _num_kv_blocks(self) -> int:
+        """The seed's cache-size formula solved for blocks: budget // (2 * layers * block * kv_heads * dim * bytes)."""
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * self.config.kv_cache_memory_fraction)
+            else:
+                budget = DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = budget // self.kv_spec.bytes_per_block
+        needed = -(-self.max_model_len // self.config.block_size)
+        if num_blocks < needed:
+            raise EngineConfigError(
+                f"KV cache budget of {budget} bytes holds {num_blocks} blocks ({num_blocks * self.config.block_size} "
+                f"tokens) but one max_model_len={self.max_model_len} sequence needs {needed} blocks "
+                f"({needed * self.kv_spec.bytes_per_block} bytes): raise kv_cache_memory_bytes or lower max_model_len"
+            )
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> torch.Tensor:
+        """Run one step; returns logits `[R, vocab]`, one row per scheduled sequence that samples, in order."""
+        if output.blocks_to_copy:
+            mapping = torch.tensor(output.blocks_to_copy, dtype=torch.int64, device=self.device)
+            self.backend.copy_blocks(self.key_caches, self.value_caches, mapping)
+        input_ids, positions, metadata, logits_indices = self._prepare(output)
+        hidden = self.model(input_ids, positions, metadata)
+        return self.model.compute_logits(hidden[logits_indices]).float()
+
+    def _prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        block_size = self.config.block_size
+        num_seqs = len(output.scheduled)
+        token_chunks: list[list[int]] = []
+        q_lens = np.empty(num_seqs, dtype=np.int64)
+        seq_lens = np.empty(num_seqs, dtype=np.int64)
+        max_blocks = max(len(item.seq.block_table) for item in output.scheduled)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
+        for i, item in enumerate(output.scheduled):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            token_chunks.append(seq.token_ids[start : start + item.num_new_tokens])
+            q_lens[i] = item.num_new_tokens
+            seq_lens[i] = start + item.num_new_tokens
+            block_tables[i, : len(seq.block_table)] = seq.block_table
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        # Position of every new token: its sequence's computed length plus its row within the sequence.
+        seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
+        positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
+        slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        samples = np.array([item.samples for item in output.scheduled], dtype=bool)
+        logits_indices = query_start_loc[1:][samples] - 1
+
+        device = self.device
+        input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.int64, device=device)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slot_mapping).to(device),
+            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(device),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
+            block_tables=torch.from_numpy(block_tables.astype(np.int32)).to(device),
+        )
+        return input_ids, torch.from_numpy(positions).to(device), metadata, torch.from_numpy(logits_indices).to(device)

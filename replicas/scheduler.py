@@ -1,0 +1,139 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each computes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from replicas.block_manager import BlockManager
+from replicas.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens whose K/V this step computes, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence and so produces its next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """FCFS continuous batching over a token budget.
+
+    Each step first keeps every running sequence going (one token for a decode, the next chunk for a prompt
+    being prefilled), then admits waiting sequences while `max_num_seqs`, the token budget and free blocks allow.
+    A prompt longer than the remaining budget is prefilled in chunks over several steps, so decodes keep flowing.
+    When a running sequence needs a block and none is free, the most recently admitted sequence is preempted:
+    its blocks are freed and it goes back to the front of the queue, to be recomputed later.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(seq, num_new_tokens):
+                victim = self.running.pop()
+                self._preempt(victim)
+                output.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                output.scheduled.append(ScheduledSequence(seq, num_new_tokens))
+                budget -= num_new_tokens
+                index += 1
+
+        # Sequences that will exist once admitted prompts fork into their samples count against max_num_seqs now.
+        num_seqs = sum(_group_size(seq) for seq in self.running)
+        # NOTE: admitting new work in a step that had to preempt would only preempt again next step.
+        while self.waiting and budget > 0 and not output.preempted:
+            seq = self.waiting[0]
+            if num_seqs + _group_size(seq) > self.max_num_seqs:
+                break
+            prefix_block_ids = self.block_manager.lookup_prefix(seq)
+            num_cached_tokens = len(prefix_block_ids) * self.block_manager.block_size
+            num_new_tokens = min(seq.num_tokens - num_cached_tokens, budget)
+            if not self.block_manager.allocate_slots(seq, num_new_tokens, prefix_block_ids):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.num_prefix_cached_tokens = num_cached_tokens
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            output.scheduled.append(ScheduledSequence(seq, num_new_tokens))
+            budget -= num_new_tokens
+            num_seqs += _group_size(seq)
+
+        output.blocks_to_copy = self.block_manager.take_pending_copies()
+        return output
+
+    def add_forked(self, parent: Sequence, child: Sequence) -> None:
+        """Run `child` right after `parent`, sharing its blocks."""
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running.insert(self.running.index(parent) + 1, child)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take `seq` out of the queues and free its blocks; they serve others from the next step on."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.debug("preempting %s (seq %d): out of KV blocks", seq.request_id, seq.seq_id)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+
+def _group_size(seq: Sequence) -> int:
+    """Sequences `seq` stands for: all of its request's samples while its prompt has not forked yet."""
+    return seq.params.num_samples if seq.index == 0 and seq.num_output_tokens == 0 else 1
