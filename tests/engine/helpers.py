@@ -1,0 +1,59 @@
+"""Helpers for engine tests: HF reference generation and seeded prompts."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from replicas import LLMEngine, SamplingParams
+
+
+def random_prompts(count: int, min_len: int, max_len: int, seed: int, vocab_size: int = 49152) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Skip the first ids: the special tokens (bos/eos/...) live there.
+    return [[rng.randrange(100, vocab_size) for _ in range(rng.randint(min_len, max_len))] for _ in range(count)]
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers `generate`, greedy, one prompt at a time (no padding effects), EOS ignored."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            results.append(out[0, len(prompt) :].tolist())
+    return results
+
+
+def run_to_completion(engine: LLMEngine, max_steps: int = 100_000) -> dict[str, list[list[int]]]:
+    """Step until idle; returns each request's completions' token ids by request id."""
+    results: dict[str, list[list[int]]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return results
+        for output in engine.step():
+            if output.finished:
+                results[output.request_id] = [c.token_ids for c in output.outputs]
+    raise AssertionError(f"engine did not finish within {max_steps} steps")
+
+
+def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+
+
+def make_engine(model_dir: Path, **kwargs: object) -> LLMEngine:
+    kwargs.setdefault("kv_cache_memory_bytes", 32 * 1024 * 1024)
+    kwargs.setdefault("num_threads", 2)
+    return LLMEngine.from_kwargs(str(model_dir), **kwargs)

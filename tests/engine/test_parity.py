@@ -1,0 +1,93 @@
+"""Greedy output is token-identical to transformers `generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.engine.helpers import greedy, hf_greedy, make_engine, random_prompts, run_to_completion
+
+
+def test_tiny_llama_batch_of_mixed_prompts_matches_transformers(tiny_llama_dir: Path) -> None:
+    prompts = random_prompts(16, 1, 90, seed=1)
+    expected = hf_greedy(tiny_llama_dir, prompts, max_new_tokens=24)
+    engine = make_engine(tiny_llama_dir)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy(24))
+    results = run_to_completion(engine)
+    assert [results[f"r{i}"][0] for i in range(len(prompts))] == expected
+
+
+def test_untied_embeddings_and_llama3_rope_match_transformers(tmp_path: Path, default_model_dir: Path) -> None:
+    from tests.conftest import build_tiny_llama
+
+    model_dir = build_tiny_llama(
+        tmp_path / "llama3",
+        seed=3,
+        tie_word_embeddings=False,
+        num_heads=6,
+        num_kv_heads=2,
+        hidden_size=96,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
+    prompts = random_prompts(4, 60, 150, seed=2)
+    expected = hf_greedy(model_dir, prompts, max_new_tokens=16)
+    engine = make_engine(model_dir)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy(16))
+    results = run_to_completion(engine)
+    assert [results[f"r{i}"][0] for i in range(len(prompts))] == expected
+
+
+def test_request_alone_and_inside_a_batch_of_32_give_identical_tokens(tiny_llama_dir: Path) -> None:
+    prompts = random_prompts(32, 5, 60, seed=4)
+    alone = make_engine(tiny_llama_dir)
+    alone.add_request("solo", prompts[7], greedy(20))
+    solo = run_to_completion(alone)["solo"][0]
+
+    batched = make_engine(tiny_llama_dir)
+    for i, prompt in enumerate(prompts):
+        batched.add_request(f"r{i}", prompt, greedy(20))
+    assert run_to_completion(batched)["r7"][0] == solo
+
+
+def test_default_model_matches_transformers(default_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    texts = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
+    prompts = [tokenizer.encode(text) for text in texts]
+    assert prompts[0] == [6403, 1980, 253, 655]
+    expected = hf_greedy(default_model_dir, prompts, max_new_tokens=12)
+    engine = make_engine(default_model_dir, kv_cache_memory_bytes=256 * 1024 * 1024, max_model_len=2048)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy(12))
+    results = run_to_completion(engine)
+    assert [results[f"r{i}"][0] for i in range(len(prompts))] == expected
+
+
+@pytest.mark.slow
+def test_default_model_chat_prompts_match_transformers(default_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
+    questions = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about rain."]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in questions
+    ]
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    expected = hf_greedy(default_model_dir, prompt_ids, max_new_tokens=40)
+    engine = make_engine(default_model_dir, kv_cache_memory_bytes=256 * 1024 * 1024, max_model_len=2048)
+    for i, prompt in enumerate(prompt_ids):
+        engine.add_request(f"r{i}", prompt, greedy(40))
+    results = run_to_completion(engine)
+    assert [results[f"r{i}"][0] for i in range(len(prompt_ids))] == expected
