@@ -112,6 +112,13 @@ def _padded_attention(
     tables = block_tables[:, :max_blocks].long()
     keys = key_cache[tables].reshape(num_seqs, context_len, num_kv_heads, head_dim)
     values = value_cache[tables].reshape(num_seqs, context_len, num_kv_heads, head_dim)
+    k_positions = torch.arange(context_len, device=device)
+    # NOTE: slots past seq_len (the last block's tail, the blocks behind the table's 0 padding) hold whatever was
+    # there before, NaN included in never-written memory. Masking their scores is not enough (0 * NaN is NaN in
+    # the weighted sum), so zero them.
+    in_context = (k_positions[None, :] < seq_lens[:, None])[:, :, None, None]
+    keys = keys.masked_fill(~in_context, 0)
+    values = values.masked_fill(~in_context, 0)
 
     # Pad queries: row r of sequence s holds position seq_len - q_len + r.
     q_rows = torch.arange(max_q_len, device=device)
@@ -120,7 +127,6 @@ def _padded_attention(
     padded_query = query[token_index]  # [S, max_q, H, D]
 
     q_positions = (seq_lens - q_lens)[:, None] + q_rows[None, :]  # [S, max_q]
-    k_positions = torch.arange(context_len, device=device)
     allowed = (k_positions[None, None, :] <= q_positions[:, :, None]) & (
         k_positions[None, None, :] < seq_lens[:, None, None]
     )
