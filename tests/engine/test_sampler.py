@@ -1,0 +1,159 @@
+"""Sampler: masks on known distributions, seeded reproducibility, stop conditions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from replicas import SamplingParams
+from replicas.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
+from replicas.sequence import Sequence
+from tests.engine.helpers import make_engine, random_prompts, run_to_completion
+
+
+def seq_with(params: SamplingParams, generator: torch.Generator | None = None) -> Sequence:
+    return Sequence(0, "r", 0, [1, 2, 3], 3, params, generator=generator)
+
+
+def test_top_k_keeps_exactly_the_k_most_likely_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
+    masked = apply_top_k_top_p(logits, torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.isfinite(masked).tolist() == [[False, True, False, True]]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
+    # 0.4 + 0.3 = 0.7 < 0.75, so the 0.2 token is needed too; 0.1 is not.
+    masked = apply_top_k_top_p(logits, torch.tensor([4]), torch.tensor([0.75]))
+    assert torch.isfinite(masked).tolist() == [[False, True, True, True]]
+    masked = apply_top_k_top_p(logits, torch.tensor([4]), torch.tensor([0.4]))
+    assert torch.isfinite(masked).tolist() == [[False, True, False, False]]
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_top_probability() -> None:
+    probs = torch.tensor([[0.05, 0.5, 0.2, 0.25]])
+    kept = apply_min_p(probs, torch.tensor([0.45]))  # threshold 0.225
+    assert (kept > 0).tolist() == [[False, True, False, True]]
+    assert math.isclose(float(kept.sum()), 1.0, rel_tol=1e-6)
+
+
+def test_sampling_follows_the_distribution() -> None:
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    logits = torch.log(probs)[None, :].repeat(4000, 1)
+    params = SamplingParams(temperature=1.0)
+    tokens = sampler(logits, [seq_with(params) for _ in range(4000)]).token_ids
+    frequencies = torch.bincount(torch.tensor(tokens), minlength=3).float() / 4000
+    assert torch.allclose(frequencies, probs, atol=0.03)
+
+
+def test_greedy_rows_take_the_argmax_even_beside_random_rows() -> None:
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 0.0]])
+    out = sampler(logits, [seq_with(SamplingParams(temperature=0.0)), seq_with(SamplingParams())])
+    assert out.token_ids[0] == 1
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_else_is_in_the_batch() -> None:
+    def draw(batch_size: int) -> list[int]:
+        sampler = Sampler(seed=batch_size, device=torch.device("cpu"))
+        generator = torch.Generator().manual_seed(1234)
+        seeded = seq_with(SamplingParams(temperature=1.0, seed=1234), generator)
+        others = [seq_with(SamplingParams(temperature=1.0)) for _ in range(batch_size)]
+        target_row = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+        logits = torch.cat([torch.randn(batch_size, 50), target_row])
+        tokens = []
+        for _ in range(20):
+            tokens.append(sampler(logits, others + [seeded]).token_ids[-1])
+        return tokens
+
+    assert draw(0) == draw(5) == draw(17)
+
+
+def test_penalties_lower_repeated_tokens() -> None:
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    seq = Sequence(0, "r", 0, [1, 2, 3, 3, 3], 2, SamplingParams(temperature=0.0, frequency_penalty=2.0))
+    logits = torch.tensor([[0.0, 0.0, 0.0, 5.0]])
+    # Token 3 was generated 3 times: 5 - 3*2 = -1 < 0.
+    assert sampler(logits, [seq]).token_ids == [0]
+    # Repetition penalty, as transformers applies it: positive logits divided, negative ones multiplied.
+    seq = Sequence(0, "r", 0, [3, 1], 1, SamplingParams(temperature=0.0, repetition_penalty=10.0))
+    penalized = apply_penalties(torch.tensor([[0.0, -1.0, 0.7, 5.0]]), [seq])
+    assert torch.allclose(penalized, torch.tensor([[0.0, -10.0, 0.7, 0.5]]))
+
+
+def test_same_seed_same_tokens_in_the_engine(tiny_llama_dir: Path) -> None:
+    prompt = random_prompts(1, 10, 10, seed=3)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=20, ignore_eos=True)
+
+    def sample(batch_with_others: bool) -> list[int]:
+        engine = make_engine(tiny_llama_dir)
+        if batch_with_others:
+            for i, other in enumerate(random_prompts(5, 5, 30, seed=9)):
+                engine.add_request(f"o{i}", other, SamplingParams(temperature=1.0, max_tokens=25, ignore_eos=True))
+        engine.add_request("target", prompt, params)
+        return run_to_completion(engine)["target"][0]
+
+    alone = sample(False)
+    assert sample(True) == alone
+    engine = make_engine(tiny_llama_dir)
+    engine.add_request("other-seed", prompt, params.model_copy(update={"seed": 43}))
+    assert run_to_completion(engine)["other-seed"][0] != alone
+
+
+def test_stop_string_across_token_boundaries_is_cut_from_the_text(default_model_dir: Path) -> None:
+    engine = make_engine(default_model_dir, kv_cache_memory_bytes=64 * 1024 * 1024, max_model_len=512)
+    tokenizer = engine.tokenizer
+    prompt = "The capital of France is"
+    engine.add_request("free", prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    full = None
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                full = output.outputs[0]
+    assert full is not None and len(full.text) > 12
+    # A stop string that starts inside one token and ends inside a later one.
+    pieces = [tokenizer.decode([t]) for t in full.token_ids]
+    boundary = len(pieces[0]) + len(pieces[1])
+    stop = full.text[boundary - 2 : boundary + 2]
+    assert len(stop) == 4 and stop not in full.text[: boundary - 2]
+    engine.add_request("stopped", prompt, SamplingParams(temperature=0.0, max_tokens=30, stop=[stop]))
+    stopped = None
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                stopped = output.outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
+    assert stopped.text == full.text[: boundary - 2]
+
+
+def test_stop_token_ids_and_max_tokens_end_a_request(tiny_llama_dir: Path) -> None:
+    prompt = random_prompts(1, 10, 10, seed=5)[0]
+    engine = make_engine(tiny_llama_dir)
+    engine.add_request("free", prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    free = None
+    while engine.has_unfinished():
+        for output in engine.step():
+            free = output.outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 10
+    stop_token = free.token_ids[4]
+    first = free.token_ids.index(stop_token)
+    engine.add_request("stop", prompt, SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[stop_token]))
+    stopped = None
+    while engine.has_unfinished():
+        for output in engine.step():
+            stopped = output.outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_token
+    assert stopped.token_ids == free.token_ids[: first + 1]
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 1.5),
+                                         ("max_tokens", 0), ("n", 0), ("logprobs", 21), ("presence_penalty", 3.0)])
+def test_out_of_range_sampling_parameters_are_refused(field: str, value: float) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=field):
+        SamplingParams(**{field: value})
