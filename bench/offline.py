@@ -1,0 +1,234 @@
+"""Offline throughput: HF `generate` one request at a time, HF static batches, and this engine, in one process.
+
+    python -m bench.offline [--model DIR] [--quick]
+
+Prints tok/s and ratios, the engine's pure-decode FLOP/s as a fraction of this machine's measured fp32 GEMM peak,
+and the share of step time spent outside the model (scheduler, block manager, sampler, output processing).
+Results also go to bench/results/offline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from replicas import LLM, SamplingParams
+from replicas.default_model import DEFAULT_MODEL_DIR
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Request:
+    prompt_token_ids: list[int]
+    max_tokens: int
+
+
+def make_workload(num_requests: int, seed: int, vocab_size: int) -> list[Request]:
+    """Prompts of 32-256 tokens, outputs of 16-128 tokens (greedy, EOS ignored), seeded."""
+    rng = random.Random(seed)
+    return [
+        Request([rng.randrange(100, vocab_size) for _ in range(rng.randint(32, 256))], rng.randint(16, 128))
+        for _ in range(num_requests)
+    ]
+
+
+def measure_gemm_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best observed fp32 GEMM FLOP/s on this machine with the current torch thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_token(model: torch.nn.Module, hf_config: object, context_len: float) -> float:
+    """Matmul FLOPs of one token: 2 x weights in linear layers (lm_head included) + attention over the context."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if getattr(model, "lm_head", None) is None:
+        linear += model.embed_tokens.weight.numel()
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    attention = 4 * context_len * hf_config.num_attention_heads * head_dim * hf_config.num_hidden_layers
+    return 2 * linear + attention
+
+
+def run_hf_sequential(model_dir: Path, workload: list[Request]) -> tuple[int, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for request in tqdm(workload, desc="HF generate, one at a time", unit="req"):
+            ids = torch.tensor([request.prompt_token_ids])
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=2,
+                max_new_tokens=request.max_tokens, min_new_tokens=request.max_tokens,
+            )
+            tokens += out.shape[1] - ids.shape[1]
+    return tokens, time.perf_counter() - start
+
+
+def run_hf_static_batches(model_dir: Path, workload: list[Request], batch_size: int) -> tuple[int, float]:
+    """The seed's static batching: pad a batch, generate until its longest request is done; count useful tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens = 0
+    start = time.perf_counter()
+    batches = [workload[i : i + batch_size] for i in range(0, len(workload), batch_size)]
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=f"HF static batches of {batch_size}", unit="batch"):
+            width = max(len(r.prompt_token_ids) for r in batch)
+            ids = torch.full((len(batch), width), 2, dtype=torch.int64)
+            mask = torch.zeros_like(ids)
+            for row, request in enumerate(batch):
+                ids[row, width - len(request.prompt_token_ids) :] = torch.tensor(request.prompt_token_ids)
+                mask[row, width - len(request.prompt_token_ids) :] = 1
+            longest = max(r.max_tokens for r in batch)
+            model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=2,
+                           max_new_tokens=longest, min_new_tokens=longest)
+            tokens += sum(r.max_tokens for r in batch)
+    return tokens, time.perf_counter() - start
+
+
+def run_engine(llm: LLM, workload: list[Request]) -> tuple[int, float, dict[str, float]]:
+    """Generate the whole workload; also time the step outside the model runner (the engine's own overhead)."""
+    engine = llm.engine
+    execute = engine.model_runner.execute
+    model_time = [0.0]
+
+    def timed_execute(scheduled):
+        start = time.perf_counter()
+        try:
+            return execute(scheduled)
+        finally:
+            model_time[0] += time.perf_counter() - start
+
+    engine.model_runner.execute = timed_execute
+    prompts = [r.prompt_token_ids for r in workload]
+    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in workload]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    engine.model_runner.execute = execute
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return tokens, elapsed, {"model_s": model_time[0], "engine_overhead_s": elapsed - model_time[0]}
+
+
+def measure_decode(llm: LLM, batch_size: int, prompt_len: int, num_steps: int, peak: float) -> dict[str, float]:
+    """Steady-state pure decode at `batch_size`: tok/s, achieved matmul FLOP/s and its fraction of the GEMM peak,
+    and the share of each step spent outside the model (scheduler, block manager, sampler, detokenizer)."""
+    engine = llm.engine
+    rng = random.Random(batch_size)
+    for i in range(batch_size):
+        engine.add_request(
+            f"decode-{batch_size}-{i}",
+            [rng.randrange(100, engine.vocab_size) for _ in range(prompt_len)],
+            SamplingParams(temperature=0.0, max_tokens=num_steps + 10, ignore_eos=True),
+        )
+    while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
+        engine.step()
+    engine.step()
+    execute = engine.model_runner.execute
+    model_time = [0.0]
+
+    def timed_execute(scheduled):
+        start = time.perf_counter()
+        try:
+            return execute(scheduled)
+        finally:
+            model_time[0] += time.perf_counter() - start
+
+    engine.model_runner.execute = timed_execute
+    start = time.perf_counter()
+    for _ in tqdm(range(num_steps), desc=f"pure decode at batch {batch_size}", unit="step"):
+        engine.step()
+    elapsed = time.perf_counter() - start
+    engine.model_runner.execute = execute
+    for request_id in list(engine.requests):
+        engine.abort(request_id)
+    context = prompt_len + 1 + num_steps / 2
+    flops = flops_per_token(engine.model_runner.model, engine.model_runner.hf_config, context)
+    tok_s = batch_size * num_steps / elapsed
+    return {
+        "batch_size": batch_size,
+        "step_ms": 1000 * elapsed / num_steps,
+        "tok_s": tok_s,
+        "achieved_gflops": tok_s * flops / 1e9,
+        "fraction_of_gemm_peak": tok_s * flops / peak,
+        "overhead_fraction": (elapsed - model_time[0]) / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--naive-subset", type=int, default=8, help="requests run through HF one at a time")
+    parser.add_argument("--static-batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs given)")
+    parser.add_argument("--quick", action="store_true", help="16 requests, 4 sequential, short decode runs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.quick:
+        args.num_requests, args.naive_subset = 16, 4
+
+    llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=64, max_model_len=2048)
+    torch.set_num_threads(llm.engine.config.resolved_num_threads())
+    threads = torch.get_num_threads()
+    workload = make_workload(args.num_requests, args.seed, llm.engine.vocab_size)
+    print(f"machine: {threads} torch threads, CPU only (no GPU); model {args.model.name}; "
+          f"{len(workload)} requests, prompts 32-256, outputs 16-128 tokens, greedy")
+    peak = measure_gemm_peak()
+    print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s")
+
+    results: dict[str, object] = {"threads": threads, "gemm_peak_gflops": peak / 1e9, "num_requests": len(workload)}
+    tokens, elapsed, split = run_engine(llm, workload)
+    engine_tok_s = tokens / elapsed
+    results["engine"] = {"tokens": tokens, "seconds": elapsed, "tok_s": engine_tok_s, **split}
+
+    static_tokens, static_s = run_hf_static_batches(args.model, workload, args.static_batch_size)
+    static_tok_s = static_tokens / static_s
+    results["hf_static"] = {"tokens": static_tokens, "seconds": static_s, "tok_s": static_tok_s}
+
+    naive_tokens, naive_s = run_hf_sequential(args.model, workload[: args.naive_subset])
+    naive_tok_s = naive_tokens / naive_s
+    results["hf_sequential"] = {"tokens": naive_tokens, "seconds": naive_s, "tok_s": naive_tok_s,
+                                "subset": args.naive_subset}
+
+    decode_steps = 10 if args.quick else 30
+    results["decode"] = [measure_decode(llm, b, 128, decode_steps, peak) for b in (32, 64)]
+
+    print()
+    print(f"| system | tok/s | vs HF sequential | vs HF static-{args.static_batch_size} |")
+    print("|---|---|---|---|")
+    print(f"| HF generate, one at a time ({args.naive_subset} req) | {naive_tok_s:.1f} | 1.0x | "
+          f"{naive_tok_s / static_tok_s:.2f}x |")
+    print(f"| HF static batches of {args.static_batch_size} | {static_tok_s:.1f} | {static_tok_s / naive_tok_s:.1f}x | 1.0x |")
+    print(f"| this engine (continuous batching, paged KV) | {engine_tok_s:.1f} | {engine_tok_s / naive_tok_s:.1f}x | "
+          f"{engine_tok_s / static_tok_s:.1f}x |")
+    print(f"engine overhead outside the model over the workload: {split['engine_overhead_s'] / elapsed:.1%}")
+    print()
+    print("| decode batch | step ms | tok/s | GFLOP/s | of GEMM peak | step time outside the model |")
+    print("|---|---|---|---|---|---|")
+    for row in results["decode"]:
+        print(f"| {row['batch_size']} | {row['step_ms']:.0f} | {row['tok_s']:.0f} | {row['achieved_gflops']:.1f} | "
+              f"{row['fraction_of_gemm_peak']:.0%} | {row['overhead_fraction']:.1%} |")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "offline.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {RESULTS_DIR / 'offline.json'}")
+
+
+if __name__ == "__main__":
+    main()
