@@ -7,6 +7,7 @@ decodes); decode-only batches over long contexts may instead take the split-K (f
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -127,23 +128,19 @@ def paged_attention(
         raise ValueError(f"out must be {tuple(query.shape)} with a contiguous last dim; got {tuple(out.shape)}")
     if num_tokens == 0:
         return out
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1 (a token sees itself); got {sliding_window}")
     _check_device(query)
     query = _last_dim_contiguous(query)
     _check_cache(key_cache, value_cache)
     group = num_heads // num_kv_heads
-
-    # NOTE: each sequence has at least one new token, so T == S means every q_len is 1, known without a host sync.
-    # Decodes get the smallest tile that holds a KV head's query group; anything with prefill rows gets 64 rows, which
-    # costs decodes in the same batch little (they are bound by loading K/V, not by the wider dot).
+    # NOTE: every sequence in a step has at least one new token, so T == S means every q_len is 1: a decode-only
+    # batch is recognised without reading query_start_loc on the host (no device sync).
     decode_only = num_tokens == num_seqs
-    block_m = max(16 if decode_only else 64, triton.next_power_of_2(group))
-    block_q = block_m // group
+    block_m, block_q, block_n = _tile_shape(decode_only, group, head_dim, key_cache.element_size())
     head_dim_pad = triton.next_power_of_2(head_dim)
-    # Keys per tile: 64, halved where K and V tiles would crowd shared memory on GPUs smaller than an H100.
-    block_n = 64 if head_dim_pad * key_cache.element_size() <= 256 else 32
-    # The padded block table bounds every seq_len, again without reading seq_lens on the host.
+    # The padded block table bounds every seq_len, again without a sync.
     max_context = block_tables.shape[1] * block_size
-
     if split_k is None:
         segments = num_segments or choose_num_segments(
             num_seqs, num_kv_heads, max_context, decode_only, _num_sms(query.device)
@@ -161,6 +158,7 @@ def paged_attention(
     else:
         partial_max = partial_sum = partial_acc = out  # unused
 
+    # NOTE: the interpreter (CPU tensors) computes bf16 tl.dot wrongly; it gets fp32 tiles instead.
     upcast = query.device.type != "cuda"
     # fp32 caches are the exactness baseline: keep tl.dot in true fp32 rather than TF32.
     dot_precision = "ieee" if key_cache.dtype == torch.float32 else "tf32"
@@ -249,6 +247,17 @@ def choose_num_segments(
     return min(SPLIT_K_MAX_SEGMENTS, by_occupancy, by_length)
 
 
+def _tile_shape(decode_only: bool, group: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_M query rows, BLOCK_Q new tokens, BLOCK_N keys) per tile. Untuned defaults, as for split-K."""
+    # Decodes get the smallest tile that holds a KV head's query group. Batches with prefill rows get 64 rows, which
+    # costs the decodes among them little: they are bound by loading K/V, not by the wider dot.
+    block_m = max(16 if decode_only else 64, triton.next_power_of_2(group))
+    # 64 keys per tile, halved where K and V tiles would crowd the shared memory of GPUs smaller than an H100.
+    block_n = 64 if triton.next_power_of_2(head_dim) * element_size <= 256 else 32
+    return block_m, block_m // group, block_n
+
+
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -87,10 +87,10 @@ def paged_attention_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_valid = dims < HEAD_DIM
 
-    q_mask = row_valid[:, None] & dim_valid[None, :]
+    row_mask = row_valid[:, None] & dim_valid[None, :]
     q = tl.load(
         query_ptr + token[:, None] * stride_query_token + head[:, None] * stride_query_head + dims[None, :],
-        mask=q_mask,
+        mask=row_mask,
         other=0.0,
     )
     q = q.to(key_cache_ptr.dtype.element_ty)
@@ -158,18 +158,17 @@ def paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out_mask = row_valid[:, None] & dim_valid[None, :]
     if WRITE_PARTIALS:
         partial = (token * num_heads + head) * NUM_SEGMENTS + segment
         tl.store(partial_max_ptr + partial, m_i, mask=row_valid)
         tl.store(partial_sum_ptr + partial, l_i, mask=row_valid)
-        tl.store(partial_acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=out_mask)
+        tl.store(partial_acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
             out_ptr + token[:, None] * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
             out.to(out_ptr.dtype.element_ty),
-            mask=out_mask,
+            mask=row_mask,
         )
 
 

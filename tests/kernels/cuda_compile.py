@@ -84,7 +84,7 @@ def cache_op_calls(dtype: torch.dtype) -> list[Callable[[], None]]:
 
 
 def calls(everything: bool) -> list[Callable[[], None]]:
-    """Host calls whose launches get compiled: a few representative ones, or every dtype x head dim x group."""
+    """Host calls whose launches get compiled: a few representative ones, or every dtype, head dim and group."""
     mixed = ((200, 200), (90, 1), (64, 9))
     decodes = ((3000, 1), (40, 1))
     result = [
@@ -100,12 +100,13 @@ def calls(everything: bool) -> list[Callable[[], None]]:
         *cache_op_calls(torch.float16),
     ]
     if everything:
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for head_dim in (64, 80, 96, 128):
-                for group in (1, 2, 3, 4, 8):
-                    for seqs, split_k in ((mixed, False), (decodes, True)):
-                        spec = BatchSpec(seqs, num_kv_heads=1, group=group, head_dim=head_dim, block_size=16)
-                        result.append(attention_call(spec, dtype, torch.float16, split_k=split_k))
+        # Every dtype x head dim, with the GQA groups rotated through them so each dtype meets every group.
+        for dtype_index, dtype in enumerate((torch.float16, torch.bfloat16, torch.float32)):
+            for dim_index, head_dim in enumerate((64, 80, 96, 128)):
+                group = (1, 2, 3, 4, 8)[(dtype_index + dim_index) % 5]
+                for seqs, split_k in ((mixed, False), (decodes, True)):
+                    spec = BatchSpec(seqs, num_kv_heads=1, group=group, head_dim=head_dim, block_size=16)
+                    result.append(attention_call(spec, dtype, torch.float16, split_k=split_k))
             result.extend(cache_op_calls(dtype))
     return result
 

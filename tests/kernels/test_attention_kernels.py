@@ -54,7 +54,7 @@ def check_fp32(triton_backend, spec: BatchSpec) -> None:
 
 
 @given(spec=batch_specs())
-@hypothesis_settings(max_examples=12)
+@hypothesis_settings(max_examples=40)
 def test_fp32_matches_reference(triton_backend, spec: BatchSpec) -> None:
     check_fp32(triton_backend, spec)
 
@@ -79,7 +79,7 @@ LOW_PRECISION_DTYPES = st.sampled_from([torch.float16, torch.bfloat16])
     cache_dtype=LOW_PRECISION_DTYPES,
     query_is_fp32=st.booleans(),
 )
-@hypothesis_settings(max_examples=8)
+@hypothesis_settings(max_examples=20)
 def test_low_precision_kv_matches_reference(
     triton_backend, spec: BatchSpec, cache_dtype: torch.dtype, query_is_fp32: bool
 ) -> None:
@@ -120,7 +120,7 @@ def test_scenario_matches_reference(triton_backend, spec: BatchSpec) -> None:
     spec=batch_specs(max_seqs=4, max_new_tokens=64) | batch_specs(max_seqs=6, decode_only=True),
     num_segments=st.integers(1, 7),
 )
-@hypothesis_settings(max_examples=10)
+@hypothesis_settings(max_examples=20)
 def test_split_k_agrees_with_single_pass(triton_backend, spec: BatchSpec, num_segments: int) -> None:
     batch = make_batch(spec, device=DEVICE)
     single_pass = run_triton(triton_backend, batch, split_k=False)
