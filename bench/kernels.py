@@ -203,7 +203,9 @@ def bench_attention(
     return row
 
 
-def bench_cache_ops(geometry: Geometry, device: torch.device, timer: Callable, bandwidth: float, small: bool) -> list[Row]:
+def bench_cache_ops(
+    geometry: Geometry, device: torch.device, timer: Callable, bandwidth: float, small: bool
+) -> list[Row]:
     from kernels import triton_backend
 
     element = torch.finfo(geometry.dtype).bits // 8
@@ -263,7 +265,9 @@ def print_table(rows: list[Row], bandwidth: float, geometry: Geometry, device_na
         f"{geometry.num_kv_heads} KV heads, head_dim {geometry.head_dim}, block {geometry.block_size}, "
         f"{str(geometry.dtype).removeprefix('torch.')}"
     )
-    header = ("kernel", "case", "triton ms", "path", "1-pass ms", "split ms", "SDPA ms", "roofline ms", "% roof", "TFLOP/s")
+    header = (
+        "kernel", "case", "triton ms", "path", "1-pass ms", "split ms", "SDPA ms", "roofline ms", "% roof", "TFLOP/s"
+    )
     table = [header]
     fmt = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
     for row in rows:
@@ -284,8 +288,10 @@ def print_table(rows: list[Row], bandwidth: float, geometry: Geometry, device_na
         )
     widths = [max(len(line[column]) for line in table) for column in range(len(header))]
     for index, line in enumerate(table):
-        print("  ".join(cell.ljust(width) if column < 2 else cell.rjust(width) for column, (cell, width) in
-                        enumerate(zip(line, widths))))
+        # Names left-aligned, numbers right-aligned.
+        cells = [cell.ljust(width) if column < 2 else cell.rjust(width) for column, (cell, width) in
+                 enumerate(zip(line, widths))]
+        print("  ".join(cells))
         if index == 0:
             print("  ".join("-" * width for width in widths))
 
@@ -298,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--quick", action="store_true", help="a few representative shapes only")
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU in the interpreter (checks the script)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on CPU in the interpreter (checks the script only)"
+    )
     args = parser.parse_args(argv)
 
     if args.dry_run:
