@@ -6,6 +6,8 @@ MODEL_DIR := models/SmolLM2-135M-Instruct
 export PYTHONPATH := $(CURDIR)
 # Local runs and tests turn Ray's token auth off explicitly; production configs leave it on.
 export RAY_AUTH_MODE ?= disabled
+# OpenMP spin-waiting makes multi-threaded torch ops 10-100x slower here (see replicas/__init__.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup serve demo test test-all bench clean
 

@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see replicas/__init__.py
+import torch  # noqa: E402
 
 # Two cores here: oversubscribed threads cost 10x.
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "2")))
