@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see replicas/__init__.py
 import torch  # noqa: E402
 
+# triton.jit reads TRITON_INTERPRET when kernels are defined: set it before anything imports triton, so the Triton
+# backend runs (slowly, for tests) in the interpreter on CPU-only machines.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 # Two cores here: oversubscribed threads cost 10x.
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "2")))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -91,3 +91,17 @@ def test_default_model_chat_prompts_match_transformers(default_model_dir: Path) 
         engine.add_request(f"r{i}", prompt, greedy(40))
     results = run_to_completion(engine)
     assert [results[f"r{i}"][0] for i in range(len(prompt_ids))] == expected
+
+
+def test_triton_backend_gives_the_same_greedy_tokens_as_torch(tiny_llama_dir: Path) -> None:
+    """End to end through the engine; on CPU the Triton kernels run in the interpreter (slow: a small case)."""
+    prompts = random_prompts(3, 5, 40, seed=6)
+
+    def generate(backend: str) -> list[list[int]]:
+        engine = make_engine(tiny_llama_dir, attention_backend=backend)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, greedy(6, n=2 if i == 0 else 1))
+        results = run_to_completion(engine)
+        return [results[f"r{i}"] for i in range(len(prompts))]
+
+    assert generate("triton") == generate("torch")
