@@ -1,0 +1,140 @@
+"""The Ray Serve replica: one `AsyncEngine`, streaming output deltas and reporting its load to the request router."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+
+from replicas.async_engine import AsyncEngine
+from replicas.config import EngineConfig
+from replicas.outputs import RequestOutput
+from replicas.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# How many of the most recently registered prefix-cache block hashes a replica reports (about 32 KiB of hex).
+DEFAULT_REPORTED_PREFIX_HASHES = 1024
+
+
+class EngineUnhealthyError(RuntimeError):
+    """Raised by the health check: Serve restarts a replica whose engine loop died or stalled."""
+
+
+@serve.deployment(
+    name="LLMReplica",
+    health_check_period_s=5,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=10,
+)
+class LLMReplica:
+    """Serves one engine. Methods: `generate` (streaming), `model_info`, plus Serve's health and routing hooks."""
+
+    def __init__(
+        self,
+        engine_config: dict[str, Any],
+        stall_timeout_s: float = 60.0,
+        reported_prefix_hashes: int = DEFAULT_REPORTED_PREFIX_HASHES,
+    ) -> None:
+        config = EngineConfig(**engine_config)
+        if config.num_threads is None:
+            # NOTE: a Ray worker sees every core of the node; use the CPUs Serve reserved for this replica instead,
+            # or replicas sharing a node oversubscribe it (10x slower on small machines).
+            config.num_threads = _assigned_cpus()
+        self.engine = AsyncEngine(config)
+        self.stall_timeout_s = stall_timeout_s
+        self.reported_prefix_hashes = reported_prefix_hashes
+        llm_engine = self.engine.engine
+        self._info = {
+            "model": llm_engine.model_name,
+            "max_model_len": llm_engine.max_model_len,
+            "block_size": config.block_size,
+            "max_num_seqs": config.max_num_seqs,
+            "num_total_blocks": llm_engine.block_manager.num_total_blocks,
+            "enable_prefix_caching": config.enable_prefix_caching,
+        }
+        logger.info("replica ready: %s", self._info)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefix_hashes: list[str] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's output deltas. `prefix_hashes` is for the request router; the engine re-derives them.
+
+        Raises `RequestError` for a request the engine refuses and `EngineDeadError` when the engine loop is gone.
+        Cancelling the call (a client disconnect) aborts the request and frees its KV blocks.
+        """
+        async for output in self.engine.generate(
+            request_id, prompt_token_ids=prompt_token_ids, params=params, output_kind="delta"
+        ):
+            yield output
+
+    def model_info(self) -> dict[str, Any]:
+        """What the ingress needs to validate requests the way this engine will: model name, context, block size."""
+        return dict(self._info)
+
+    def check_health(self) -> None:
+        """Fails when the engine loop died, or has had work but not finished a step for `stall_timeout_s`."""
+        if not self.engine.is_alive:
+            raise EngineUnhealthyError("the engine loop is not running; see the replica log for its traceback")
+        stalled_s = time.monotonic() - self.engine.last_step_time
+        if stalled_s > self.stall_timeout_s:
+            raise EngineUnhealthyError(f"the engine loop made no progress for {stalled_s:.0f}s")
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Load and recent prefix-cache contents, pushed by Serve to every router of this deployment."""
+        stats = self.engine.stats()
+        return {
+            "timestamp": time.time(),
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "num_free_blocks": stats.num_free_blocks,
+            "num_total_blocks": stats.num_total_blocks,
+            "num_cached_blocks": stats.num_cached_blocks,
+            "block_size": stats.block_size,
+            "num_requests_finished": stats.num_requests_finished,
+            "prefix_cache_queries": stats.prefix_cache_queries,
+            "prefix_cache_hits": stats.prefix_cache_hits,
+            "prefix_hashes": self._recent_prefix_hashes(),
+        }
+
+    def _recent_prefix_hashes(self) -> list[str]:
+        """The most recently registered block hashes, hex. Registration order is the dict's insertion order."""
+        cached = self.engine.engine.block_manager.cached_block_ids
+        # NOTE: the engine thread mutates this dict; copying its keys is one C call under the GIL, and the retry
+        # covers a resize caught mid-copy. A slightly stale view is fine: routing only needs a good guess.
+        for _ in range(3):
+            try:
+                keys = list(cached)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return []
+        return [block_hash.hex() for block_hash in keys[-self.reported_prefix_hashes :]]
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout_s=2.0)
+
+
+def _assigned_cpus() -> int:
+    """Whole CPUs Ray assigned to this actor (at least 1); all of the machine's outside Ray."""
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # noqa: BLE001 — not in a Ray worker
+        cpus = None
+    if not cpus:
+        import os
+
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, math.floor(cpus))

@@ -1,0 +1,75 @@
+"""The Serve application: `OpenAIIngress` -> `LLMReplica`s behind the KV-aware request router.
+
+`serve run deploy/config.yaml` calls `build_app` with the config's `args`; tests call it directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
+
+from replicas.deployment import LLMReplica
+from router.ingress import IngressConfig, OpenAIIngress
+
+DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
+
+
+class AppArgs(BaseModel):
+    """Everything `build_app` accepts (the `args:` of a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    engine: dict[str, Any] = Field(default_factory=dict, description="more EngineConfig fields (block_size, ...)")
+    num_replicas: int | None = Field(default=None, ge=1, description="None: Serve's default or autoscaling_config")
+    replica_num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica (torch threads)")
+    replica_num_gpus: float = Field(default=0.0, ge=0, description="1 on GPU machines")
+    max_queued_requests: int = Field(default=128, ge=1, description="per caller, beyond the replicas' slots: 429")
+    retry_after_s: float = Field(default=1.0, ge=0)
+    stall_timeout_s: float = Field(default=60.0, gt=0, description="health check fails after this long stalled")
+    routing_stats_period_s: float = Field(default=1.0, gt=0)
+    router: dict[str, Any] = Field(default_factory=dict, description="KVAwareRequestRouter.initialize_state kwargs")
+    ingress: dict[str, Any] = Field(default_factory=dict, description="more IngressConfig fields (api_key, max_n...)")
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> Application:
+    """The application for `args` (a dict from a config file or an `AppArgs`)."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    engine_config = {"model": args.model, **args.engine}
+    if args.served_model_name:
+        engine_config["served_model_name"] = args.served_model_name
+    max_num_seqs = int(engine_config.get("max_num_seqs", 64))
+    actor_options: dict[str, Any] = {"num_cpus": args.replica_num_cpus}
+    if args.replica_num_gpus:
+        actor_options["num_gpus"] = args.replica_num_gpus
+    if "num_threads" not in args.engine and args.replica_num_cpus < 1:
+        engine_config["num_threads"] = 1
+    router_kwargs = {"stats_stale_after_s": max(5.0, 5 * args.routing_stats_period_s), **args.router}
+    options: dict[str, Any] = {
+        "ray_actor_options": actor_options,
+        # NOTE: one slot per sequence the engine batches; requests beyond wait in the caller's queue (bounded
+        # below), where the router can still send them to another replica.
+        "max_ongoing_requests": max_num_seqs,
+        "max_queued_requests": args.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s),
+        "request_router_config": RequestRouterConfig(
+            request_router_class="router.request_router:KVAwareRequestRouter",
+            request_router_kwargs=router_kwargs,
+            request_routing_stats_period_s=args.routing_stats_period_s,
+            request_routing_stats_timeout_s=max(10.0, 5 * args.routing_stats_period_s),
+        ),
+    }
+    if args.num_replicas is not None:
+        options["num_replicas"] = args.num_replicas
+    replica = LLMReplica.options(**options).bind(engine_config, stall_timeout_s=args.stall_timeout_s)
+    ingress_config = IngressConfig(
+        model=args.model,
+        tokenizer=engine_config.get("tokenizer"),
+        served_model_name=args.served_model_name,
+        **args.ingress,
+    )
+    return OpenAIIngress.bind(replica, ingress_config.model_dump())

@@ -1,0 +1,253 @@
+"""The Serve ingress: an OpenAI-compatible API (and the seed's `/generate`) in front of the engine replicas."""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from replicas import SamplingParams
+from router import responses
+from router.errors import APIError, bad_request, from_validation_error, http_status_error
+from router.params import check_unsupported, to_sampling_params
+from router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+    random_id,
+)
+from router.streaming import PrimedStream, prime, replica_outputs, sse, to_api_error
+from router.tokenization import PromptTokenizer, prefix_block_hashes
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "PAGED_SERVE_API_KEY"
+
+app = FastAPI(title="paged-serve", docs_url=None, redoc_url=None)
+
+
+class IngressConfig(BaseModel):
+    """The ingress's own settings (the engine's are the replica's)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="model directory: the tokenizer and chat template are loaded from it")
+    tokenizer: str | None = None
+    served_model_name: str | None = Field(default=None, description="the `model` id clients send; default: dir name")
+    api_key: str | None = Field(default=None, description=f"require this bearer token; default: ${API_KEY_ENV}")
+    max_n: int = Field(default=16, ge=1, description="most completions (n, best_of) per request")
+    max_prompts: int = Field(default=64, ge=1, description="most prompts in one completions request")
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="larger request bodies get 413")
+    generate_max_tokens: int = Field(default=128, ge=1, description="`/generate`'s default token count")
+
+    def model_id(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, error: APIError) -> JSONResponse:
+    return error.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    return http_status_error(error.status_code, str(error.detail) if error.detail else None).response()
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
+    logger.exception("unhandled error")
+    return APIError(500, f"internal error: {type(error).__name__}; see the server log", code="internal_error").response()
+
+
+def _event_stream(events: AsyncIterator[str], streams: list[PrimedStream]) -> StreamingResponse:
+    """SSE; an error after the first byte is sent as an error event, since the status is already 200."""
+
+    async def guarded() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except APIError as error:
+            yield sse(error.body())
+            yield sse("[DONE]")
+        finally:
+            for stream in streams:
+                await stream.aclose()
+
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=512, max_queued_requests=512)
+@serve.ingress(app)
+class OpenAIIngress:
+    """Validates and tokenizes requests, streams them to an `LLMReplica`, and shapes the answers."""
+
+    def __init__(self, replica: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.config = IngressConfig(**config)
+        api_key = self.config.api_key or os.environ.get(API_KEY_ENV) or None
+        self._api_key = api_key.encode() if api_key else None
+        self.tokenizer = PromptTokenizer(self.config.tokenizer or self.config.model)
+        self.replica = replica.options(stream=True)
+        self._model_info_handle = replica
+        self._model_info: dict[str, Any] | None = None
+        self._model_info_lock = asyncio.Lock()
+        self.model_id = self.config.model_id()
+        logger.info("ingress ready: model %s, API key %s", self.model_id, "required" if api_key else "off")
+
+    # --- endpoints --------------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        """Liveness of the ingress; replica health is Serve's to check (`LLMReplica.check_health`)."""
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> ModelList:
+        self._authorize(request)
+        info = self._model_info
+        return ModelList(data=[ModelCard(id=self.model_id, max_model_len=info["max_model_len"] if info else None)])
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        self._authorize(request)
+        body = await self._parse(request, CompletionRequest)
+        check_unsupported(body)
+        self._check_model(body.model)
+        info = await self.model_info()
+        prompts = self.tokenizer.completion_prompts(body.prompt)
+        if len(prompts) > self.config.max_prompts:
+            raise bad_request(f"{len(prompts)} prompts; at most {self.config.max_prompts} per request", "prompt")
+        request_id = random_id("cmpl")
+        calls = []
+        for prompt_ids in prompts:
+            params = to_sampling_params(body, len(prompt_ids), info["max_model_len"], self._max_n(info))
+            calls.append((prompt_ids, params))
+        streams = await prime([self._generate(f"{request_id}-{i}", ids, params) for i, (ids, params) in enumerate(calls)])
+        usage = responses.UsageCounter(prompt_tokens=sum(len(ids) for ids in prompts))
+        with_logprobs = body.logprobs is not None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = responses.completion_events(streams, body.n, self.model_id, usage, self.tokenizer.token_text,
+                                                 with_logprobs, include_usage, request_id)  # fmt: skip
+            return _event_stream(events, streams)
+        return await responses.completion_response(
+            streams, body.n, self.model_id, usage, self.tokenizer.token_text, with_logprobs
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        self._authorize(request)
+        body = await self._parse(request, ChatCompletionRequest)
+        check_unsupported(body)
+        self._check_model(body.model)
+        info = await self.model_info()
+        prompt_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt)
+        params = to_sampling_params(body, len(prompt_ids), info["max_model_len"], self._max_n(info))
+        request_id = random_id("chatcmpl")
+        (stream,) = await prime([self._generate(request_id, prompt_ids, params)])
+        usage = responses.UsageCounter(prompt_tokens=len(prompt_ids))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = responses.chat_events(stream, body.n, self.model_id, usage, self.tokenizer.token_text,
+                                           body.logprobs, include_usage, request_id)  # fmt: skip
+            return _event_stream(events, [stream])
+        return await responses.chat_response(stream, self.model_id, usage, self.tokenizer.token_text, body.logprobs)
+
+    @app.post("/generate")
+    async def generate(self, request: Request) -> dict[str, str]:
+        """The seed's endpoint: `{"prompt": "..."}` in, `{"generated_text": "..."}` out (greedy, no template)."""
+        self._authorize(request)
+        body = await self._parse(request, GenerateRequest)
+        if not body.prompt:
+            raise bad_request("Prompt is required", "prompt")
+        info = await self.model_info()
+        prompt_ids = self.tokenizer.completion_prompts(body.prompt)[0]
+        max_tokens = body.max_tokens or self.config.generate_max_tokens
+        max_tokens = min(max_tokens, info["max_model_len"] - len(prompt_ids))
+        if max_tokens < 1:
+            raise bad_request(
+                f"prompt is {len(prompt_ids)} tokens; max_model_len is {info['max_model_len']}", "prompt",
+                code="context_length_exceeded",
+            )  # fmt: skip
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature or 0.0)
+        except ValidationError as error:
+            raise from_validation_error(error) from error
+        (stream,) = await prime([self._generate(random_id("gen"), prompt_ids, params)])
+        text = ""
+        async for output in stream:
+            text += "".join(completion.text for completion in output.outputs)
+        return {"generated_text": text}
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    async def model_info(self) -> dict[str, Any]:
+        """The replicas' engine settings (context length, block size), asked once."""
+        if self._model_info is None:
+            async with self._model_info_lock:
+                if self._model_info is None:
+                    try:
+                        self._model_info = await self._model_info_handle.model_info.remote()
+                    except Exception as error:  # noqa: BLE001 — no replica yet, or it died
+                        raise to_api_error(error) from error
+        return self._model_info
+
+    def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Any]:
+        hashes = prefix_block_hashes(prompt_ids, self._model_info["block_size"]) if self._model_info else []
+        response = self.replica.generate.remote(
+            request_id=request_id, prompt_token_ids=prompt_ids, params=params, prefix_hashes=hashes
+        )
+        return replica_outputs(response)
+
+    def _max_n(self, info: dict[str, Any]) -> int:
+        return min(self.config.max_n, info["max_num_seqs"])
+
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # NOTE: compare_digest takes time independent of where the strings differ; never log the token.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
+            raise APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")  # fmt: skip
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_id, self.config.model):
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_id!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    async def _parse(self, request: Request, schema: type[BaseModel]) -> Any:
+        """The JSON body validated against `schema`; 413 over the size cap, 400 for anything malformed."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+            chunks.append(chunk)
+        try:
+            payload = json.loads(b"".join(chunks) or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise bad_request(f"the body is not valid JSON: {error}", code="invalid_json") from error
+        if not isinstance(payload, dict):
+            raise bad_request("the body must be a JSON object", code="invalid_json")
+        try:
+            return schema.model_validate(payload)
+        except ValidationError as error:
+            raise from_validation_error(error) from error

@@ -1,0 +1,91 @@
+"""OpenAI request fields to `replicas.SamplingParams`, with the context-window and fan-out limits checked here."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from replicas import SamplingParams
+from router.errors import bad_request, from_validation_error
+from router.protocol import ChatCompletionRequest, CompletionRequest
+
+# Fields copied as they are when the client set them; ranges are SamplingParams' to check.
+_PASSTHROUGH = (
+    "n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+    "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "include_stop_str_in_output",
+    "skip_special_tokens",
+)  # fmt: skip
+
+
+def check_unsupported(request: CompletionRequest | ChatCompletionRequest) -> None:
+    """Refuse, rather than ignore, the OpenAI fields this server does not implement yet."""
+    if request.logit_bias:
+        raise bad_request("logit_bias is not supported yet: leave it out or send {}", "logit_bias")
+    if isinstance(request, CompletionRequest):
+        if request.echo:
+            raise bad_request("echo is not supported yet: leave it out or send false", "echo")
+        if request.suffix:
+            raise bad_request("suffix is not supported: leave it out", "suffix")
+        if request.stream and request.best_of is not None and request.best_of > request.n:
+            raise bad_request("best_of > n cannot be streamed: set stream=false or best_of=n", "best_of")
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+
+
+def to_sampling_params(
+    request: CompletionRequest | ChatCompletionRequest,
+    num_prompt_tokens: int,
+    max_model_len: int,
+    max_n: int,
+) -> SamplingParams:
+    """The request's sampling parameters; `max_tokens` defaults to what is left of the context window."""
+    if num_prompt_tokens >= max_model_len:
+        raise bad_request(
+            f"prompt is {num_prompt_tokens} tokens; max_model_len is {max_model_len}: shorten the prompt so at "
+            "least one token can be generated",
+            "prompt" if isinstance(request, CompletionRequest) else "messages",
+            code="context_length_exceeded",
+        )
+    fields: dict[str, object] = {name: getattr(request, name) for name in _PASSTHROUGH}
+    fields = {name: value for name, value in fields.items() if value is not None}
+    if request.n > max_n:
+        raise bad_request(f"n is {request.n}; this server allows at most {max_n} completions per request", "n")
+
+    max_tokens_param = "max_tokens"
+    if isinstance(request, ChatCompletionRequest):
+        if request.max_completion_tokens is not None:
+            max_tokens, max_tokens_param = request.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens = request.max_tokens
+        if request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if request.logprobs:
+            fields["logprobs"] = request.top_logprobs or 0
+    else:
+        max_tokens = request.max_tokens
+        if request.best_of is not None:
+            if request.best_of > max_n:
+                raise bad_request(f"best_of is {request.best_of}; this server allows at most {max_n}", "best_of")
+            fields["best_of"] = request.best_of
+        if request.logprobs is not None:
+            fields["logprobs"] = request.logprobs
+
+    if max_tokens is None:
+        max_tokens = max_model_len - num_prompt_tokens
+    elif max_tokens >= 1 and num_prompt_tokens + max_tokens > max_model_len:
+        raise bad_request(
+            f"prompt is {num_prompt_tokens} tokens and {max_tokens_param} is {max_tokens}: together "
+            f"{num_prompt_tokens + max_tokens}, over max_model_len {max_model_len}; lower {max_tokens_param} to at "
+            f"most {max_model_len - num_prompt_tokens} or shorten the prompt",
+            max_tokens_param,
+            code="context_length_exceeded",
+        )
+    fields["max_tokens"] = max_tokens
+    try:
+        return SamplingParams(**fields)
+    except ValidationError as error:
+        api_error = from_validation_error(error)
+        if api_error.param == "max_tokens" and max_tokens_param != "max_tokens":
+            api_error.param = max_tokens_param
+        if api_error.param == "logprobs" and isinstance(request, ChatCompletionRequest):
+            api_error.param = "top_logprobs"
+        raise api_error from error

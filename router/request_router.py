@@ -1,0 +1,213 @@
+"""KV-aware request routing: prefix-block affinity from what replicas report, else the emptiest KV cache.
+
+`KVAwareRequestRouter` is a Ray Serve `RequestRouter` set on the replica deployment; it runs in every caller of
+that deployment (the ingress). The policy itself, `rank_replicas`, is a pure function over `ReplicaView`s so it
+can be tested without Ray.
+
+Signals, freshest first:
+- Serve's per-replica count of ongoing requests (updated by this router on every send, and by probes);
+- what each replica reported in `record_routing_stats` (free KV blocks, waiting requests, the hashes of its most
+  recently cached prefix blocks), refreshed every `request_routing_stats_period_s`;
+- what this router sent where in the last few seconds: a request being prefilled has not registered its blocks
+  yet, but the next request with the same prefix should still go there.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Container
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the policy knows about one replica."""
+
+    replica_id: str
+    max_ongoing_requests: int
+    num_ongoing: int | None = None  # Serve's cached queue length; None when unknown
+    stats: dict[str, Any] | None = None  # the replica's latest routing stats; None when missing or stale
+    prefix_blocks: int = 0  # leading blocks of the request it holds (reported, or recently routed there)
+    routed_since_report: int = 0  # requests this router sent since the stats were taken
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """Knobs of `rank_replicas`; set through `request_router_kwargs`."""
+
+    min_match_blocks: int = 1  # prefix blocks a replica must hold to attract a request
+    max_waiting_for_affinity: int = 8  # a replica with more waiting requests is overloaded for affinity
+    max_imbalance: int = 16  # ... and so is one with this many more ongoing requests than the least loaded
+
+
+def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
+    """Leading blocks of the request a replica holds. Hashes are chained, so the deepest hit implies the rest.
+
+    (A replica reports only its most recent hashes, so a long-cached first block may be missing from the report
+    while a later one is there.)
+    """
+    for depth in range(len(request_hashes), 0, -1):
+        if any(request_hashes[depth - 1] in hashes for hashes in known):
+            return depth
+    return 0
+
+
+def _load_key(replica: ReplicaView) -> tuple[float, float, float]:
+    """Fewest waiting requests (counting what was sent since the report), then most free KV blocks."""
+    stats = replica.stats or {}
+    waiting = stats.get("num_waiting", 0) + replica.routed_since_report
+    return (waiting, -stats.get("num_free_blocks", 0), replica.num_ongoing or 0)
+
+
+def _is_saturated(replica: ReplicaView) -> bool:
+    return replica.num_ongoing is not None and replica.num_ongoing >= replica.max_ongoing_requests
+
+
+def _overloaded_for_affinity(
+    replica: ReplicaView, replicas: list[ReplicaView], num_new_blocks: int, policy: RoutingPolicy
+) -> bool:
+    """Whether a prefix hit is worth queueing behind this replica's load (it is not when it is saturated)."""
+    if _is_saturated(replica):
+        return True
+    stats = replica.stats or {}
+    if stats.get("num_waiting", 0) + replica.routed_since_report > policy.max_waiting_for_affinity:
+        return True
+    if stats and stats.get("num_free_blocks", 0) < num_new_blocks:
+        return True
+    least_ongoing = min((r.num_ongoing or 0) for r in replicas)
+    return (replica.num_ongoing or 0) - least_ongoing > policy.max_imbalance
+
+
+def rank_replicas(
+    replicas: list[ReplicaView],
+    num_request_blocks: int,
+    policy: RoutingPolicy = RoutingPolicy(),
+    rng: random.Random | None = None,
+) -> list[list[str]]:
+    """Replica ids in ranks, best first; Serve tries each rank in turn and skips replicas that refuse.
+
+    1. Prefix affinity: the replica holding the longest leading run of the request's blocks, unless overloaded.
+    2. Otherwise, when every replica has fresh stats: fewest waiting, then most free KV blocks.
+    3. Otherwise (stats stale or missing): power of two choices on ongoing requests.
+    """
+    rng = rng or random.Random()
+    if not replicas:
+        return []
+    shuffled = list(replicas)
+    rng.shuffle(shuffled)  # ties go to a random replica, not always the first
+    ranked: list[list[str]] = []
+    best = max(shuffled, key=lambda r: r.prefix_blocks)
+    if best.prefix_blocks >= policy.min_match_blocks:
+        num_new_blocks = num_request_blocks - best.prefix_blocks + 1
+        if not _overloaded_for_affinity (best, replicas, num_new_blocks, policy):
+            ranked.append([best.replica_id])
+            shuffled.remove(best)
+    if not shuffled:
+        return ranked
+    if all(r.stats is not None for r in shuffled):
+        ordered = sorted(shuffled, key=_load_key)
+        not_saturated = [r for r in ordered if not _is_saturated(r)]
+        ranked += [[r.replica_id] for r in not_saturated] + [[r.replica_id] for r in ordered if _is_saturated(r)]
+        return ranked
+    # Power of two choices: Serve picks the one of the pair with fewer ongoing requests.
+    ranked.append([r.replica_id for r in shuffled[:2]])
+    if len(shuffled) > 2:
+        ranked.append([r.replica_id for r in shuffled[2:]])
+    return ranked
+
+
+class KVAwareRequestRouter(RequestRouter):
+    """Routes `LLMReplica.generate` calls by the `prefix_hashes` keyword the ingress passes with each request."""
+
+    def initialize_state(
+        self,
+        stats_stale_after_s: float = 5.0,
+        recent_route_ttl_s: float = 5.0,
+        max_recent_routes: int = 4096,
+        min_match_blocks: int = 1,
+        max_waiting_for_affinity: int = 8,
+        max_imbalance: int = 16,
+    ) -> None:
+        self._stats_stale_after_s = stats_stale_after_s
+        self._recent_route_ttl_s = recent_route_ttl_s
+        self._max_recent_routes = max_recent_routes
+        self._policy = RoutingPolicy(min_match_blocks, max_waiting_for_affinity, max_imbalance)
+        # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
+        self._recent_routes: dict[str, OrderedDict[str, float]] = {}
+        self._routed_since_report: dict[str, tuple[float, int]] = {}  # replica id -> (report timestamp, count)
+        self._reported_hashes: dict[str, tuple[float, frozenset[str]]] = {}  # replica id -> (timestamp, hashes)
+        self._rng = random.Random()
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        request_hashes = _request_hashes(pending_request)
+        now = time.time()
+        views = [self._view(replica, request_hashes, now) for replica in candidate_replicas]
+        by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
+        ranks = rank_replicas(views, len(request_hashes), self._policy, self._rng)
+        return [[by_id[replica_id] for replica_id in rank] for rank in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        unique_id = replica_id.unique_id
+        now = time.time()
+        recent = self._recent_routes.setdefault(unique_id, OrderedDict())
+        for block_hash in _request_hashes(pending_request):
+            recent[block_hash] = now
+            recent.move_to_end(block_hash)
+        while len(recent) > self._max_recent_routes:
+            recent.popitem(last=False)
+        timestamp, count = self._routed_since_report.get(unique_id, (0.0, 0))
+        self._routed_since_report[unique_id] = (timestamp, count + 1)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live = {replica.replica_id.unique_id for replica in replicas}
+        for table in (self._recent_routes, self._routed_since_report, self._reported_hashes):
+            for unique_id in [unique_id for unique_id in table if unique_id not in live]:
+                del table[unique_id]
+
+    def _view(self, replica: RunningReplica, request_hashes: list[str], now: float) -> ReplicaView:
+        unique_id = replica.replica_id.unique_id
+        stats = replica.routing_stats or None
+        reported: frozenset[str] = frozenset()
+        routed_since = 0
+        if stats is not None:
+            timestamp = stats.get("timestamp", 0.0)
+            cached = self._reported_hashes.get(unique_id)
+            if cached is None or cached[0] != timestamp:  # build the set once per report, not per request
+                cached = (timestamp, frozenset(stats.get("prefix_hashes", ())))
+                self._reported_hashes[unique_id] = cached
+            reported = cached[1]
+            since_timestamp, count = self._routed_since_report.get(unique_id, (timestamp, 0))
+            if since_timestamp < timestamp:  # the newer report already counts what was sent before it
+                count = 0
+                self._routed_since_report[unique_id] = (timestamp, 0)
+            routed_since = count
+            if now - timestamp > self._stats_stale_after_s:
+                stats = None
+        recent = self._recent_routes.get(unique_id, OrderedDict())
+        while recent and now - next(iter(recent.values())) > self._recent_route_ttl_s:
+            recent.popitem(last=False)
+        return ReplicaView(
+            replica_id=unique_id,
+            max_ongoing_requests=replica.max_ongoing_requests,
+            num_ongoing=self._replica_queue_len_cache.get(replica.replica_id),
+            stats=stats,
+            prefix_blocks=matched_blocks(request_hashes, reported, recent) if request_hashes else 0,
+            routed_since_report=routed_since,
+        )
+
+
+def _request_hashes(pending_request: PendingRequest | None) -> list[str]:
+    if pending_request is None:
+        return []
+    hashes = pending_request.kwargs.get("prefix_hashes")
+    return list(hashes) if hashes else []

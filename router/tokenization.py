@@ -1,0 +1,76 @@
+"""Prompts to token ids with the model's own tokenizer and chat template, and their prefix-block hashes."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from transformers import AutoTokenizer
+
+from replicas.block_manager import hash_block_tokens
+from router.errors import bad_request
+from router.protocol import ChatMessage
+
+# Hashes of at most this many leading blocks travel with a request: deeper prefixes add little routing signal.
+MAX_ROUTED_BLOCKS = 256
+
+
+class PromptTokenizer:
+    """Tokenizes in the ingress, so replicas get token ids and the router can hash prefixes."""
+
+    def __init__(self, tokenizer_dir: str) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+        self.vocab_size = len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """Same call as the engine's own `add_request(prompt=...)`, so both paths see the same ids."""
+        return self.tokenizer.encode(text)
+
+    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """A completions `prompt` (string, strings, token ids, or lists of token ids) as one id list per prompt."""
+        if isinstance(prompt, str):
+            prompts: list[list[int]] = [self.encode(prompt)]
+        elif not prompt:
+            raise bad_request("prompt is empty: give a non-empty string, list of strings or list of token ids", "prompt")
+        elif isinstance(prompt[0], str):
+            prompts = [self.encode(text) for text in prompt]  # type: ignore[arg-type]
+        elif isinstance(prompt[0], int):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = [list(ids) for ids in prompt]  # type: ignore[union-attr]
+        for ids in prompts:
+            if not ids:
+                raise bad_request("a prompt is empty: every prompt needs at least one token", "prompt")
+            bad = next((token for token in ids if not 0 <= token < self.vocab_size), None)
+            if bad is not None:
+                raise bad_request(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+        return prompts
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """The conversation rendered with the model's chat template, then tokenized (the template adds specials)."""
+        if self.tokenizer.chat_template is None:
+            raise bad_request("this model has no chat template: use /v1/completions", "messages")
+        conversation = [{"role": message.role, "content": message.text()} for message in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as error:  # noqa: BLE001 — a template can refuse a conversation (e.g. role order)
+            raise bad_request(f"the chat template refused these messages: {error}", "messages") from error
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @lru_cache(maxsize=65536)  # noqa: B019 — one tokenizer per process; the cache lives as long as it does
+    def token_text(self, token_id: int) -> str:
+        """One token as text, for logprobs (a lone byte of a multi-byte character decodes to U+FFFD)."""
+        return self.tokenizer.decode([token_id])
+
+
+def prefix_block_hashes(token_ids: list[int], block_size: int, max_blocks: int = MAX_ROUTED_BLOCKS) -> list[str]:
+    """Hex chained hashes of the prompt's full blocks: the keys under which a replica's prefix cache holds them."""
+    hashes: list[str] = []
+    parent: bytes | None = None
+    num_full = min(len(token_ids) // block_size, max_blocks)
+    for block_index in range(num_full):
+        start = block_index * block_size
+        parent = hash_block_tokens(parent, tuple(token_ids[start : start + block_size]))
+        hashes.append(parent.hex())
+    return hashes
