@@ -1,0 +1,107 @@
+"""Building blocks shared by the model families: attention over the paged KV cache, norms, rotary embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class AttentionMetadata:
+    """The flattened step, as the attention contract in DESIGN.md describes it."""
+
+    slot_mapping: torch.Tensor  # int64 [T]
+    query_start_loc: torch.Tensor  # int32 [S + 1]
+    seq_lens: torch.Tensor  # int32 [S]
+    block_tables: torch.Tensor  # int32 [S, max_blocks]
+
+
+class PagedAttention(nn.Module):
+    """Writes the step's K/V into this layer's cache, then attends over each sequence's cached context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.backend: ModuleType | None = None
+        self.key_cache = torch.empty(0)
+        self.value_cache = torch.empty(0)
+
+    def bind(self, backend: ModuleType, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+        self.backend, self.key_cache, self.value_cache = backend, key_cache, value_cache
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        assert self.backend is not None, "the model runner binds the KV cache before the first step"
+        self.backend.write_kv_cache(key, value, self.key_cache, self.value_cache, metadata.slot_mapping)
+        return self.backend.paged_attention(
+            query,
+            self.key_cache,
+            self.value_cache,
+            metadata.query_start_loc,
+            metadata.seq_lens,
+            metadata.block_tables,
+            self.scale,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Same operation order as transformers, so greedy outputs match token for token.
+        dtype = hidden.dtype
+        hidden = hidden.float()
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        hidden = hidden * torch.rsqrt(variance + self.eps)
+        return self.weight * hidden.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half convention), with cos/sin tables for every position up front."""
+
+    def __init__(self, hf_config: object, head_dim: int, max_position: int) -> None:
+        super().__init__()
+        rope_parameters = dict(getattr(hf_config, "rope_parameters", None) or {})
+        rope_type = rope_parameters.get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if rope_type == "default":
+            base = rope_parameters.get("rope_theta", 10000.0)
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+        positions = torch.arange(max_position, dtype=torch.float)
+        freqs = positions[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos_cache = nn.Buffer(emb.cos() * scaling, persistent=False)
+        self.sin_cache = nn.Buffer(emb.sin() * scaling, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos_cache[positions].to(query.dtype)[:, None, :]
+        sin = self.sin_cache[positions].to(query.dtype)[:, None, :]
+        return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
