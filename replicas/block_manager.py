@@ -107,6 +107,16 @@ class BlockManager:
             parent_hash = block_hash
         return matched
 
+    def full_block_hashes(self, seq: Sequence) -> list[bytes]:
+        """Chained hashes of `seq`'s full blocks, as they will be registered once computed (last token excluded)."""
+        hashes: list[bytes] = []
+        parent_hash: bytes | None = None
+        for block_index in range((seq.num_tokens - 1) // self.block_size):
+            start = block_index * self.block_size
+            parent_hash = hash_block_tokens(parent_hash, tuple(seq.token_ids[start : start + self.block_size]))
+            hashes.append(parent_hash)
+        return hashes
+
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register `seq`'s blocks that became full and computed, so later sequences can reuse them."""
         if not self.enable_prefix_caching:

@@ -85,12 +85,22 @@ class Scheduler:
 
         # Sequences that will exist once admitted prompts fork into their samples count against max_num_seqs now.
         num_seqs = sum(_group_size(seq) for seq in self.running)
+        in_flight = self._blocks_in_flight() if self.waiting and self.block_manager.enable_prefix_caching else None
+        deferred: list[Sequence] = []
         # NOTE: admitting new work in a step that had to preempt would only preempt again next step.
         while self.waiting and budget > 0 and not output.preempted:
             seq = self.waiting[0]
             if num_seqs + _group_size(seq) > self.max_num_seqs:
                 break
             prefix_block_ids = self.block_manager.lookup_prefix(seq)
+            if in_flight is not None:
+                hashes = self.block_manager.full_block_hashes(seq)
+                if len(prefix_block_ids) < len(hashes) and hashes[len(prefix_block_ids)] in in_flight:
+                    # Its next block is being prefilled for another sequence right now: wait a step or two and
+                    # reuse it instead of computing the same prefix twice (requests sharing a system prompt
+                    # tend to arrive together).
+                    deferred.append(self.waiting.popleft())
+                    continue
             num_cached_tokens = len(prefix_block_ids) * self.block_manager.block_size
             num_new_tokens = min(seq.num_tokens - num_cached_tokens, budget)
             if not self.block_manager.allocate_slots(seq, num_new_tokens, prefix_block_ids):
@@ -104,9 +114,20 @@ class Scheduler:
             output.scheduled.append(ScheduledSequence(seq, num_new_tokens))
             budget -= num_new_tokens
             num_seqs += _group_size(seq)
+            if in_flight is not None:
+                in_flight.update(hashes[len(prefix_block_ids) :])
+        self.waiting.extendleft(reversed(deferred))
 
         output.blocks_to_copy = self.block_manager.take_pending_copies()
         return output
+
+    def _blocks_in_flight(self) -> set[bytes]:
+        """Hashes of full blocks that running sequences are still prefilling (computed, but not yet registered)."""
+        in_flight: set[bytes] = set()
+        for seq in self.running:
+            if seq.is_prefilling:
+                in_flight.update(self.block_manager.full_block_hashes(seq)[len(seq.block_hashes) :])
+        return in_flight
 
     def add_forked(self, parent: Sequence, child: Sequence) -> None:
         """Run `child` right after `parent`, sharing its blocks."""

@@ -145,3 +145,18 @@ def test_kv_accounting_counts_live_and_allocated_slots(tiny_llama_dir: Path) -> 
     contiguous.step()
     stats = contiguous.stats()
     assert stats.kv_slots_allocated == 256 and stats.kv_slots_live == 20
+
+
+def test_requests_arriving_together_compute_a_shared_prefix_once(tiny_llama_dir: Path) -> None:
+    system = random_prompts(1, 96, 96, seed=30)[0]
+    tails = random_prompts(4, 10, 10, seed=31)
+    engine = make_engine(tiny_llama_dir)
+    for i, tail in enumerate(tails):
+        engine.add_request(f"r{i}", system + tail, greedy(4))
+    results = run_to_completion(engine)
+    # The first request prefills the shared 96 tokens; the others wait a step and reuse its blocks.
+    assert engine.stats().num_prompt_tokens == 96 + 4 * 10
+    cold = make_engine(tiny_llama_dir, enable_prefix_caching=False)
+    for i, tail in enumerate(tails):
+        cold.add_request(f"r{i}", system + tail, greedy(4))
+    assert run_to_completion(cold) == results
