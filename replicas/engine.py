@@ -179,26 +179,19 @@ class LLMEngine:
         sampling_items = [item for item in scheduled.scheduled if item.samples]
         try:
             logits = self.model_runner.execute(scheduled)
+            self._advance(scheduled)
+            sample_seqs: list[Sequence] = []
+            logits_rows: list[int] = []
+            for row, item in enumerate(sampling_items):
+                seqs = self._fork_if_needed(item.seq)
+                sample_seqs.extend(seqs)
+                logits_rows.extend([row] * len(seqs))
+            if len(logits_rows) != logits.shape[0]:
+                logits = logits[torch.tensor(logits_rows, device=logits.device)]
+            sampled = self.sampler(logits, sample_seqs)
         except Exception as error:  # noqa: BLE001 — one bad step fails its requests, never the engine
             logger.exception("step failed; failing its %d sequences", len(scheduled.scheduled))
             return self._fail(scheduled, error)
-
-        for item in scheduled.scheduled:
-            seq = item.seq
-            if seq.num_computed_tokens < seq.num_prompt_tokens:
-                self.num_prompt_tokens += min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
-
-        sample_seqs: list[Sequence] = []
-        logits_rows: list[int] = []
-        for row, item in enumerate(sampling_items):
-            seqs = self._fork_if_needed(item.seq)
-            sample_seqs.extend(seqs)
-            logits_rows.extend([row] * len(seqs))
-        if len(logits_rows) != logits.shape[0]:
-            logits = logits[torch.tensor(logits_rows, device=logits.device)]
-        sampled = self.sampler(logits, sample_seqs)
 
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
@@ -207,6 +200,15 @@ class LLMEngine:
             touched[seq.request_id] = self.requests[seq.request_id]
         self.num_generation_tokens += len(sample_seqs)
         return [output for state in touched.values() if (output := self._make_output(state)) is not None]
+
+    def _advance(self, scheduled: SchedulerOutput) -> None:
+        """Account for the K/V the step computed, and register blocks that became full for the prefix cache."""
+        for item in scheduled.scheduled:
+            seq = item.seq
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.num_prompt_tokens += min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
 
     def _fork_if_needed(self, seq: Sequence) -> list[Sequence]:
         """When a prompt of an `n > 1` request has been prefilled, fork its other samples off it, sharing blocks."""
