@@ -13,13 +13,15 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from replicas import LLM, SamplingParams
+from replicas import LLM, LLMEngine, SamplingParams
 from replicas.default_model import DEFAULT_MODEL_DIR
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -102,9 +104,9 @@ def run_hf_static_batches(model_dir: Path, workload: list[Request], batch_size: 
     return tokens, time.perf_counter() - start
 
 
-def run_engine(llm: LLM, workload: list[Request]) -> tuple[int, float, dict[str, float]]:
-    """Generate the whole workload; also time the step outside the model runner (the engine's own overhead)."""
-    engine = llm.engine
+@contextmanager
+def timed_model(engine: LLMEngine) -> Iterator[list[float]]:
+    """Accumulate the time spent in the model runner (the forward pass) while the block runs."""
     execute = engine.model_runner.execute
     model_time = [0.0]
 
@@ -116,12 +118,20 @@ def run_engine(llm: LLM, workload: list[Request]) -> tuple[int, float, dict[str,
             model_time[0] += time.perf_counter() - start
 
     engine.model_runner.execute = timed_execute
+    try:
+        yield model_time
+    finally:
+        engine.model_runner.execute = execute
+
+
+def run_engine(llm: LLM, workload: list[Request]) -> tuple[int, float, dict[str, float]]:
+    """Generate the whole workload; also time the step outside the model runner (the engine's own overhead)."""
     prompts = [r.prompt_token_ids for r in workload]
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in workload]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    engine.model_runner.execute = execute
+    with timed_model(llm.engine) as model_time:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return tokens, elapsed, {"model_s": model_time[0], "engine_overhead_s": elapsed - model_time[0]}
 
@@ -140,22 +150,11 @@ def measure_decode(llm: LLM, batch_size: int, prompt_len: int, num_steps: int, p
     while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
         engine.step()
     engine.step()
-    execute = engine.model_runner.execute
-    model_time = [0.0]
-
-    def timed_execute(scheduled):
+    with timed_model(engine) as model_time:
         start = time.perf_counter()
-        try:
-            return execute(scheduled)
-        finally:
-            model_time[0] += time.perf_counter() - start
-
-    engine.model_runner.execute = timed_execute
-    start = time.perf_counter()
-    for _ in tqdm(range(num_steps), desc=f"pure decode at batch {batch_size}", unit="step"):
-        engine.step()
-    elapsed = time.perf_counter() - start
-    engine.model_runner.execute = execute
+        for _ in tqdm(range(num_steps), desc=f"pure decode at batch {batch_size}", unit="step"):
+            engine.step()
+        elapsed = time.perf_counter() - start
     for request_id in list(engine.requests):
         engine.abort(request_id)
     context = prompt_len + 1 + num_steps / 2
