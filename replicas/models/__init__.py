@@ -10,12 +10,18 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from replicas.models.gpt2 import GPT2LMHeadModel
 from replicas.models.llama import LlamaForCausalLM
+from replicas.models.mistral import MistralForCausalLM
+from replicas.models.qwen2 import Qwen2ForCausalLM
 
 logger = logging.getLogger(__name__)
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 
 

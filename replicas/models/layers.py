@@ -23,11 +23,20 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    """Writes the step's K/V into this layer's cache, then attends over each sequence's cached context."""
+    """Writes the step's K/V into this layer's cache, then attends over each sequence's cached context.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    With `sliding_window` W, the token at position q sees keys at positions q - W < k <= q (transformers' masking).
+    NOTE: the block manager still keeps every block of a sequence; blocks that fell out of the window are not freed.
+    """
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None = None
+    ) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1 (a token sees itself); got {sliding_window}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.sliding_window = sliding_window
         self.backend: ModuleType | None = None
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
@@ -48,6 +57,7 @@ class PagedAttention(nn.Module):
             metadata.seq_lens,
             metadata.block_tables,
             self.scale,
+            sliding_window=self.sliding_window,
         )
 
 

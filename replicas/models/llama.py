@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -11,20 +12,30 @@ from torch import nn
 from replicas.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding, silu_and_mul
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """Where Llama-like families differ in attention (Qwen2: biased q/k/v only; Mistral: a sliding window)."""
+
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    sliding_window: int | None = None
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, hf_config: object, rotary: RotaryEmbedding) -> None:
+    def __init__(self, hf_config: object, rotary: RotaryEmbedding, options: AttentionOptions) -> None:
         super().__init__()
         hidden_size = hf_config.hidden_size
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(hf_config, "head_dim", None) or hidden_size // self.num_heads
-        bias = bool(getattr(hf_config, "attention_bias", False))
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q, k and v share one GEMM; the loader stacks the three checkpoint matrices.
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=bias)
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=options.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=options.o_proj_bias)
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, options.sliding_window
+        )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -51,9 +62,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, hf_config: object, rotary: RotaryEmbedding) -> None:
+    def __init__(self, hf_config: object, rotary: RotaryEmbedding, options: AttentionOptions) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(hf_config, rotary)
+        self.self_attn = LlamaAttention(hf_config, rotary, options)
         self.mlp = LlamaMLP(hf_config)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -79,10 +90,19 @@ class LlamaForCausalLM(nn.Module):
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         rotary = RotaryEmbedding(hf_config, head_dim, max_position)
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(hf_config, rotary) for _ in range(hf_config.num_hidden_layers))
+        options = self.attention_options(hf_config)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, rotary, options) for _ in range(hf_config.num_hidden_layers)
+        )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+
+    @classmethod
+    def attention_options(cls, hf_config: object) -> AttentionOptions:
+        """How this family's attention differs from the plain one; subclasses (other families) override it."""
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return AttentionOptions(qkv_bias=bias, o_proj_bias=bias)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
