@@ -79,7 +79,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
 
 
 def build_tiny_llama_like(directory: Path, model_type: str, seed: int = 0, **config_overrides: object) -> Path:
-    """A seeded random tiny model of a Llama-like family (`qwen2`, `mistral`), saved with the default model's tokenizer."""
+    """A seeded random tiny Llama-like model (`model_type` qwen2 or mistral) with the default model's tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicas.models.layers import AttentionMetadata, PagedAttention
+from replicas.models.layers import AttentionMetadata, CheckpointParams, PagedAttention
 
 # transformers' activation names; gelu_new is the tanh approximation, which torch computes in one kernel.
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -33,7 +33,8 @@ def check_gpt2_config(hf_config: object) -> None:
         raise ValueError("GPT-2 with add_cross_attention=true (an encoder-decoder) is not supported")
     activation = getattr(hf_config, "activation_function", "gelu_new")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"GPT-2 activation_function {activation!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        supported = ", ".join(ACTIVATIONS)
+        raise ValueError(f"GPT-2 activation_function {activation!r} is not supported (supported: {supported})")
 
 
 class GPT2Attention(nn.Module):
@@ -112,18 +113,10 @@ class GPT2LMHeadModel(nn.Module):
         return [block.attn.attn for block in self.h]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        params = CheckpointParams(self)
         for name, tensor in weights:
             name = name.removeprefix("transformer.")
             if MASK_BUFFER.search(name) or (name == "lm_head.weight" and self.lm_head is None):
                 continue
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r} in checkpoint")
-            if name.endswith(CONV1D_WEIGHTS):
-                tensor = tensor.t()
-            params[name].data.copy_(tensor)
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}")
+            params[name].data.copy_(tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor)
+        params.check_all_loaded()

@@ -115,3 +115,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class CheckpointParams:
+    """A model's parameters by name while a checkpoint loads: an unexpected or a missing weight is an error."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = dict(model.named_parameters())
+        self.loaded: set[str] = set()
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        """The parameter the checkpoint tensor `name` loads into, marked as loaded."""
+        if name not in self.params:
+            raise ValueError(f"unexpected weight {name!r} in checkpoint")
+        self.loaded.add(name)
+        return self.params[name]
+
+    def check_all_loaded(self) -> None:
+        missing = set(self.params) - self.loaded
+        if missing:
+            raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}")

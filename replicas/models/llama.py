@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicas.models.layers import AttentionMetadata, PagedAttention, RMSNorm, RotaryEmbedding, silu_and_mul
+from replicas.models.layers import (
+    AttentionMetadata,
+    CheckpointParams,
+    PagedAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    silu_and_mul,
+)
 
 
 @dataclass(frozen=True)
@@ -118,25 +125,18 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        params = CheckpointParams(self)
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.lm_head is None):
                 continue
             for fused, part, index in self.stacked_params:
                 if f".{part}." in name:
-                    name = name.replace(part, fused)
-                    _load_part(params[name], tensor, index, self._part_sizes(fused))
+                    _load_part(params[name.replace(part, fused)], tensor, index, self._part_sizes(fused))
                     break
             else:
-                if name not in params:
-                    raise ValueError(f"unexpected weight {name!r} in checkpoint")
                 params[name].data.copy_(tensor)
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"weights missing from checkpoint: {sorted(missing)[:5]}")
+        params.check_all_loaded()
 
     def _part_sizes(self, fused: str) -> list[int]:
         attn = self.layers[0].self_attn
