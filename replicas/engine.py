@@ -143,6 +143,9 @@ class LLMEngine:
             )
         if len(params.stop) > self.config.max_stop_strings:
             raise RequestError(f"{len(params.stop)} stop strings exceed the limit of {self.config.max_stop_strings}")
+        bad_bias = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad_bias:
+            raise RequestError(f"logit_bias token id {bad_bias[0]} is outside the vocabulary [0, {self.vocab_size})")
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad_stop:
             raise RequestError(f"stop token id {bad_stop[0]} is outside the vocabulary [0, {self.vocab_size})")

@@ -27,6 +27,8 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         params = [seq.params for seq in seqs]
+        if any(p.logit_bias for p in params):
+            logits = apply_logit_bias(logits, params)
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, seqs)
         need_logprobs = [p.logprobs is not None or p.num_samples > p.n for p in params]
@@ -94,6 +96,17 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
     probs = probs.masked_fill(probs < threshold, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """Add each request's per-token bias to its row (OpenAI's `logit_bias`; -100 effectively bans a token)."""
+    logits = logits.clone()
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            token_ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=logits.device)
+            biases = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            logits[row].index_add_(0, token_ids, biases)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

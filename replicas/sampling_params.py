@@ -29,6 +29,7 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description="added to the token's logit (OpenAI)")
     skip_special_tokens: bool = True
 
     @field_validator("stop", mode="before")
@@ -44,6 +45,16 @@ class SamplingParams(BaseModel):
         if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, logit_bias: dict[int, float]) -> dict[int, float]:
+        if len(logit_bias) > 300:
+            raise ValueError(f"logit_bias has {len(logit_bias)} entries; at most 300 are accepted")
+        for token_id, bias in logit_bias.items():
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias for token {token_id} is {bias}; it must be within [-100, 100]")
+        return logit_bias
 
     @model_validator(mode="after")
     def _check_best_of(self) -> "SamplingParams":

@@ -157,3 +157,18 @@ def test_out_of_range_sampling_parameters_are_refused(field: str, value: float) 
 
     with pytest.raises(ValidationError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_logit_bias_bans_and_forces_tokens(tiny_llama_dir: Path) -> None:
+    prompt = random_prompts(1, 10, 10, seed=6)[0]
+    engine = make_engine(tiny_llama_dir)
+    engine.add_request("free", prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    free = run_to_completion(engine)["free"][0]
+    engine.add_request("banned", prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                        logit_bias={free[0]: -100.0}))
+    assert run_to_completion(engine)["banned"][0][0] != free[0]
+    engine.add_request("forced", prompt, SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=1,
+                                                        logit_bias={777: 100.0}))
+    assert run_to_completion(engine)["forced"][0] == [777] * 6
+    with pytest.raises(ValueError, match="within \\[-100, 100\\]"):
+        SamplingParams(logit_bias={5: 101.0})
