@@ -29,6 +29,7 @@ class _Add:
     prompt_token_ids: list[int] | None
     params: SamplingParams
     output_kind: OutputKind
+    priority: int
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
     accepted: "asyncio.Future[None]"
@@ -71,6 +72,7 @@ class AsyncEngine:
         *,
         prompt_token_ids: list[int] | None = None,
         output_kind: OutputKind = "delta",
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they are produced; raises `RequestError` for a refused request."""
         if not self.is_alive:
@@ -79,7 +81,10 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         accepted: asyncio.Future[None] = loop.create_future()
         self._commands.put(
-            _Add(request_id, prompt, prompt_token_ids, params or SamplingParams(), output_kind, loop, outputs, accepted)
+            _Add(
+                request_id, prompt, prompt_token_ids, params or SamplingParams(), output_kind, priority, loop, outputs,
+                accepted,
+            )
         )
         finished = False
         try:
@@ -145,6 +150,7 @@ class AsyncEngine:
                     command.params,
                     prompt_token_ids=command.prompt_token_ids,
                     output_kind=command.output_kind,
+                    priority=command.priority,
                 )
             except Exception as error:  # noqa: BLE001 — a refused request goes back to its caller
                 command.loop.call_soon_threadsafe(_set_future, command.accepted, error)

@@ -34,6 +34,14 @@ class EngineConfig(BaseModel):
     )
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=2048, ge=1)
+    scheduling_policy: Literal["fcfs", "priority", "fair"] = Field(
+        default="fcfs",
+        description="fcfs: arrival order; priority: lower `priority` first, then arrival; fair: priority, then "
+        "short prompts before long ones, and no prompt prefills more than `long_prefill_token_threshold` per step",
+    )
+    long_prefill_token_threshold: int = Field(
+        default=256, ge=1, description="fair policy: prompts longer than this are long; their per-step chunk cap"
+    )
     max_model_len: int | None = Field(default=None, ge=1)
     enable_prefix_caching: bool = True
     attention_backend: AttentionBackendName = "auto"

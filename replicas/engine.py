@@ -69,7 +69,13 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching and not contiguous,
             reserve_tokens_per_seq=self.max_model_len if contiguous else None,
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.scheduling_policy,
+            config.long_prefill_token_threshold,
+        )
         self.sampler = Sampler(config.seed, self.model_runner.device)
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
         self.vocab_size = self.model_runner.vocab_size
@@ -98,8 +104,11 @@ class LLMEngine:
         *,
         prompt_token_ids: list[int] | None = None,
         output_kind: OutputKind = "cumulative",
+        priority: int = 0,
     ) -> None:
-        """Queue a request. Raises `RequestError` (with the reason) for a request that could never run."""
+        """Queue a request. Raises `RequestError` (with the reason) for a request that could never run.
+
+        `priority` matters under the `priority` and `fair` scheduling policies: lower values run first."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -118,6 +127,7 @@ class LLMEngine:
             token_ids=list(prompt_token_ids),
             num_prompt_tokens=len(prompt_token_ids),
             params=params,
+            priority=priority,
             generator=self._generator(params, 0),
         )
         state.seqs.append(seq)

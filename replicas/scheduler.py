@@ -6,11 +6,14 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from replicas.block_manager import BlockManager
 from replicas.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
+
+SchedulingPolicy = Literal["fcfs", "priority", "fair"]
 
 
 @dataclass
@@ -49,10 +52,19 @@ class Scheduler:
     its blocks are freed and it goes back to the front of the queue, to be recomputed later.
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: SchedulingPolicy = "fcfs",
+        long_prefill_token_threshold: int = 256,
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -68,12 +80,14 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
+        if self.policy != "fcfs" and self.waiting:
+            self.waiting = deque(sorted(self.waiting, key=self._admission_key))
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new_tokens = min(self._chunk_cap(seq), budget)
             while not self.block_manager.allocate_slots(seq, num_new_tokens):
-                victim = self.running.pop()
+                victim = self._pick_victim(index)
                 self._preempt(victim)
                 output.preempted.append(victim)
                 if victim is seq:
@@ -102,7 +116,7 @@ class Scheduler:
                     deferred.append(self.waiting.popleft())
                     continue
             num_cached_tokens = len(prefix_block_ids) * self.block_manager.block_size
-            num_new_tokens = min(seq.num_tokens - num_cached_tokens, budget)
+            num_new_tokens = min(self._chunk_cap(seq, num_cached_tokens), budget)
             if not self.block_manager.allocate_slots(seq, num_new_tokens, prefix_block_ids):
                 break
             self.waiting.popleft()
@@ -117,9 +131,46 @@ class Scheduler:
             if in_flight is not None:
                 in_flight.update(hashes[len(prefix_block_ids) :])
         self.waiting.extendleft(reversed(deferred))
+        if self.policy == "fair" and budget > 0:
+            budget = self._extend_capped_prefills(output, budget)
 
         output.blocks_to_copy = self.block_manager.take_pending_copies()
         return output
+
+    def _admission_key(self, seq: Sequence) -> tuple:
+        """Order of the waiting queue under the priority and fair policies (preempted sequences keep their age)."""
+        if self.policy == "priority":
+            return (seq.priority, seq.arrival_time)
+        is_long = seq.num_tokens - seq.num_computed_tokens > self.long_prefill_token_threshold
+        return (seq.priority, is_long, seq.arrival_time)
+
+    def _chunk_cap(self, seq: Sequence, num_cached_tokens: int = 0) -> int:
+        """Tokens `seq` may compute this step before the budget: all of them, except long prefills under `fair`."""
+        remaining = seq.num_tokens - max(seq.num_computed_tokens, num_cached_tokens)
+        if self.policy == "fair":
+            return min(remaining, self.long_prefill_token_threshold)
+        return remaining
+
+    def _extend_capped_prefills(self, output: SchedulerOutput, budget: int) -> int:
+        """Give budget nobody else wanted to the long prefills the fair policy capped, so they are not slowed down
+        when there is no competition."""
+        for item in output.scheduled:
+            remaining = item.seq.num_tokens - item.seq.num_computed_tokens - item.num_new_tokens
+            extra = min(remaining, budget)
+            if extra > 0 and self.block_manager.allocate_slots(item.seq, item.num_new_tokens + extra):
+                item.num_new_tokens += extra
+                budget -= extra
+        return budget
+
+    def _pick_victim(self, first_unscheduled: int) -> Sequence:
+        """The running sequence to preempt, among those not yet scheduled this step: the most recently admitted, or
+        under a priority policy the least urgent."""
+        if self.policy == "fcfs":
+            return self.running.pop()
+        candidates = self.running[first_unscheduled:]
+        victim = max(reversed(candidates), key=lambda seq: (seq.priority, seq.arrival_time))
+        self.running.remove(victim)
+        return victim
 
     def _blocks_in_flight(self) -> set[bytes]:
         """Hashes of full blocks that running sequences are still prefilling (computed, but not yet registered)."""

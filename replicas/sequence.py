@@ -38,6 +38,7 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower runs first under the priority and fair policies
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
@@ -101,6 +102,7 @@ class Sequence:
             num_prompt_tokens=self.num_prompt_tokens,
             params=self.params,
             arrival_time=self.arrival_time,
+            priority=self.priority,
             status=self.status,
             num_computed_tokens=self.num_computed_tokens,
             num_prefix_cached_tokens=self.num_prefix_cached_tokens,
