@@ -176,7 +176,8 @@ def _token_rows(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts, lengths) + offsets
 
 
-_workspaces: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+# Keyed by inference mode too: a buffer made under torch.inference_mode cannot be written outside it.
+_workspaces: dict[tuple[torch.dtype, torch.device, bool], torch.Tensor] = {}
 
 
 def _gather_context(
@@ -190,10 +191,11 @@ def _gather_context(
     num_blocks = key_cache.shape[0]
     block_numel = key_cache[0].numel()
     needed = 2 * block_ids.numel() * block_numel
-    workspace = _workspaces.get((key_cache.dtype, key_cache.device))
+    workspace_key = (key_cache.dtype, key_cache.device, torch.is_inference_mode_enabled())
+    workspace = _workspaces.get(workspace_key)
     if workspace is None or workspace.numel() < needed:
         workspace = torch.empty(needed, dtype=key_cache.dtype, device=key_cache.device)
-        _workspaces[(key_cache.dtype, key_cache.device)] = workspace
+        _workspaces[workspace_key] = workspace
     keys, values = workspace[:needed].view(2, block_ids.numel(), block_numel).unbind(0)
     torch.index_select(key_cache.view(num_blocks, block_numel), 0, block_ids, out=keys)
     torch.index_select(value_cache.view(num_blocks, block_numel), 0, block_ids, out=values)
