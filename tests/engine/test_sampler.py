@@ -172,3 +172,22 @@ def test_logit_bias_bans_and_forces_tokens(tiny_llama_dir: Path) -> None:
     assert run_to_completion(engine)["forced"][0] == [777] * 6
     with pytest.raises(ValueError, match="within \\[-100, 100\\]"):
         SamplingParams(logit_bias={5: 101.0})
+
+
+def test_repetition_penalty_matches_transformers_processor() -> None:
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=generator)
+    token_ids = [3, 7, 7, 12, 40]
+    seq = Sequence(0, "r", 0, token_ids, 2, SamplingParams(temperature=0.0, repetition_penalty=1.3))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([token_ids]), logits.clone())
+    assert torch.allclose(apply_penalties(logits, [seq]), expected)
+
+
+def test_presence_and_frequency_penalties_follow_openai() -> None:
+    logits = torch.zeros(1, 6)
+    seq = Sequence(0, "r", 0, [5, 1, 1, 2], 1, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    # OpenAI: logit -= count * frequency_penalty + (count > 0) * presence_penalty, over generated tokens only.
+    expected = torch.tensor([[0.0, -(2 * 0.25 + 0.5), -(0.25 + 0.5), 0.0, 0.0, 0.0]])
+    assert torch.allclose(apply_penalties(logits, [seq]), expected)
