@@ -28,6 +28,7 @@ class AppArgs(BaseModel):
     num_replicas: int | None = Field(default=None, ge=1, description="None: Serve's default or autoscaling_config")
     replica_num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica (torch threads)")
     replica_num_gpus: float = Field(default=0.0, ge=0, description="1 on GPU machines")
+    ingress_num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per ingress replica (tokenizing)")
     max_queued_requests: int = Field(default=128, ge=1, description="per caller, beyond the replicas' slots: 429")
     retry_after_s: float = Field(default=1.0, ge=0)
     stall_timeout_s: float = Field(default=60.0, gt=0, description="health check fails after this long stalled")
@@ -72,4 +73,5 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         served_model_name=args.served_model_name,
         **args.ingress,
     )
-    return OpenAIIngress.bind(replica, ingress_config.model_dump())
+    ingress = OpenAIIngress.options(ray_actor_options={"num_cpus": args.ingress_num_cpus})
+    return ingress.bind(replica, ingress_config.model_dump())

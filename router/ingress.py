@@ -29,7 +29,7 @@ from router.protocol import (
     ModelList,
     random_id,
 )
-from router.streaming import PrimedStream, prime, replica_outputs, sse, to_api_error
+from router.streaming import PrimedStream, own_request_id, prime, replica_outputs, sse, to_api_error
 from router.tokenization import PromptTokenizer, prefix_block_hashes
 
 logger = logging.getLogger(__name__)
@@ -207,9 +207,10 @@ class OpenAIIngress:
 
     def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Any]:
         hashes = prefix_block_hashes(prompt_ids, self._model_info["block_size"]) if self._model_info else []
-        response = self.replica.generate.remote(
-            request_id=request_id, prompt_token_ids=prompt_ids, params=params, prefix_hashes=hashes
-        )
+        with own_request_id():
+            response = self.replica.generate.remote(
+                request_id=request_id, prompt_token_ids=prompt_ids, params=params, prefix_hashes=hashes
+            )
         return replica_outputs(response)
 
     def _max_n(self, info: dict[str, Any]) -> int:

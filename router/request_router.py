@@ -149,6 +149,10 @@ class KVAwareRequestRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         request_hashes = _request_hashes(pending_request)
+        if pending_request is not None:
+            # NOTE: every call ranks all replicas, so when none accepts, Serve should back off before asking
+            # again; without this flag it retries at once, and the busy loop starves the probes it waits for.
+            pending_request.routing_context.should_backoff = True
         now = time.time()
         views = [self._view(replica, request_hashes, now) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}

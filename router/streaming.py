@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -27,7 +31,7 @@ def to_api_error(error: BaseException) -> APIError:
     if isinstance(cause, APIError):
         return cause
     if isinstance(cause, RequestError):
-        return APIError(400, str(cause), param="prompt")
+        return APIError(400, str(cause))
     if isinstance(cause, BackPressureError):
         return APIError(
             cause.status_code,
@@ -44,6 +48,32 @@ def to_api_error(error: BaseException) -> APIError:
         )  # fmt: skip
     logger.error("replica call failed: %r", error)
     return APIError(500, f"the engine failed this request: {type(cause).__name__}: {cause}", code="engine_error")
+
+
+@contextlib.contextmanager
+def own_request_id() -> Iterator[None]:
+    """Give the handle call made inside a request id of its own, not the HTTP request's.
+
+    NOTE: a call inherits Serve's internal request id from the HTTP request it serves, and a RequestRouter
+    without FIFO matching hands a chosen replica to the pending call *with that id*. Several concurrent calls for
+    one HTTP request (a completions request with several prompts) would share the id and all but one would wait
+    forever. This uses Serve's private request context; if that ever changes, calls go out with the shared id.
+    """
+    try:
+        from ray.serve import context as serve_context
+
+        current = serve_context._get_serve_request_context()
+        token = serve_context._serve_request_context.set(
+            dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex)
+        )
+    except (AttributeError, TypeError, ImportError):  # Serve's private API moved
+        logger.warning("cannot give replica calls their own request id; concurrent sub-requests may stall")
+        yield
+        return
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
 
 
 async def replica_outputs(response: DeploymentResponseGenerator) -> AsyncIterator[RequestOutput]:
@@ -64,7 +94,16 @@ async def replica_outputs(response: DeploymentResponseGenerator) -> AsyncIterato
         raise to_api_error(error) from error
     finally:
         if not finished:
-            response.cancel()
+            _cancel(response)
+
+
+def _cancel(response: DeploymentResponseGenerator) -> None:
+    """Best-effort cancel. NOTE: Serve's `cancel()` re-raises how the call ended (a backpressure refusal, an earlier
+    cancel); raised from a `finally`, that would replace the error the client should see."""
+    try:
+        response.cancel()
+    except (Exception, concurrent.futures.CancelledError):  # noqa: BLE001
+        pass
 
 
 class PrimedStream:

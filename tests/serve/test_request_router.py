@@ -1,0 +1,162 @@
+"""The KV-aware routing policy on fake replicas: prefix affinity, overload fallback, free blocks, stale stats."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.request_router import (
+    KVAwareRequestRouter,
+    ReplicaView,
+    RoutingPolicy,
+    matched_blocks,
+    rank_replicas,
+)
+from router.tokenization import prefix_block_hashes
+
+HASHES = prefix_block_hashes(list(range(100, 100 + 16 * 6)), block_size=16)  # six chained block hashes
+
+
+def stats(free: int = 100, waiting: int = 0, hashes: list[str] | None = None, age_s: float = 0.0) -> dict[str, Any]:
+    return {"timestamp": time.time() - age_s, "num_free_blocks": free, "num_total_blocks": 100,
+            "num_waiting": waiting, "num_running": 0, "prefix_hashes": hashes or []}  # fmt: skip
+
+
+def view(replica_id: str, *, prefix_blocks: int = 0, ongoing: int = 0, free: int = 100, waiting: int = 0,
+         fresh: bool = True, max_ongoing: int = 8) -> ReplicaView:  # fmt: skip
+    return ReplicaView(replica_id, max_ongoing, ongoing, stats(free, waiting) if fresh else None, prefix_blocks)
+
+
+def first_choice(ranks: list[list[str]]) -> list[str]:
+    return ranks[0]
+
+
+def test_matched_blocks_counts_the_deepest_hit_since_hashes_are_chained() -> None:
+    assert matched_blocks(HASHES, set()) == 0
+    assert matched_blocks(HASHES, set(HASHES[:3])) == 3
+    assert matched_blocks(HASHES, {HASHES[4]}) == 5  # earlier blocks fell out of the report window
+    assert matched_blocks(HASHES, {HASHES[1]}, {HASHES[3]}) == 4
+
+
+def test_prefix_holder_wins_over_an_emptier_replica() -> None:
+    replicas = [view("a", free=100), view("b", prefix_blocks=4, free=20)]
+    assert first_choice(rank_replicas(replicas, num_request_blocks=6)) == ["b"]
+
+
+def test_saturated_prefix_holder_is_passed_over() -> None:
+    replicas = [view("a"), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
+    ranks = rank_replicas(replicas, num_request_blocks=6)
+    assert first_choice(ranks) == ["a"]
+    assert ranks[-1] == ["b"]  # still a last resort
+
+
+def test_prefix_holder_with_a_long_queue_is_passed_over() -> None:
+    replicas = [view("a"), view("b", prefix_blocks=6, waiting=9)]
+    assert first_choice(rank_replicas(replicas, 6, RoutingPolicy(max_waiting_for_affinity=8))) == ["a"]
+
+
+def test_prefix_holder_much_busier_than_the_rest_is_passed_over() -> None:
+    replicas = [view("a", ongoing=0, max_ongoing=64), view("b", prefix_blocks=6, ongoing=20, max_ongoing=64)]
+    assert first_choice(rank_replicas(replicas, 6, RoutingPolicy(max_imbalance=16))) == ["a"]
+
+
+def test_prefix_holder_without_room_for_the_rest_of_the_prompt_is_passed_over() -> None:
+    replicas = [view("a"), view("b", prefix_blocks=1, free=2)]
+    assert first_choice(rank_replicas(replicas, num_request_blocks=6)) == ["a"]
+
+
+def test_without_a_prefix_hit_fewest_waiting_then_most_free_blocks_win() -> None:
+    replicas = [view("a", free=10), view("b", free=90), view("c", free=95, waiting=2)]
+    assert rank_replicas(replicas, 0) == [["b"], ["a"], ["c"]]
+
+
+def test_requests_sent_since_the_last_report_count_as_waiting() -> None:
+    busy = ReplicaView("a", 8, 0, stats(free=90), routed_since_report=3)
+    assert first_choice(rank_replicas([busy, view("b", free=50)], 0)) == ["b"]
+
+
+def test_stale_stats_fall_back_to_power_of_two_choices() -> None:
+    replicas = [view(name, fresh=False) for name in "abcd"]
+    ranks = rank_replicas(replicas, 0, rng=random.Random(0))
+    assert len(ranks[0]) == 2  # Serve picks the one of the pair with fewer ongoing requests
+    assert sorted(sum(ranks, [])) == ["a", "b", "c", "d"]
+
+
+def test_ties_are_broken_at_random() -> None:
+    replicas = [view("a"), view("b")]
+    firsts = {first_choice(rank_replicas(replicas, 0, rng=random.Random(seed)))[0] for seed in range(20)}
+    assert firsts == {"a", "b"}
+
+
+# --- the Serve RequestRouter subclass, on fake RunningReplicas -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeReplicaID:
+    unique_id: str
+
+
+@dataclass
+class FakeReplica:
+    name: str
+    routing_stats: dict[str, Any] = field(default_factory=dict)
+    max_ongoing_requests: int = 8
+
+    @property
+    def replica_id(self) -> FakeReplicaID:
+        return FakeReplicaID(self.name)
+
+
+class FakeQueueLengths:
+    def __init__(self, lengths: dict[str, int]) -> None:
+        self.lengths = lengths
+
+    def get(self, replica_id: FakeReplicaID) -> int | None:
+        return self.lengths.get(replica_id.unique_id)
+
+
+@dataclass
+class FakePendingRequest:
+    kwargs: dict[str, Any]
+    args: list[Any] = field(default_factory=list)
+    routing_context: Any = field(default_factory=lambda: type("Context", (), {"should_backoff": False})())
+
+
+def make_router(queue_lengths: dict[str, int] | None = None) -> KVAwareRequestRouter:
+    """The router's policy state without Serve's routing machinery (which needs a running controller)."""
+    router = KVAwareRequestRouter.__new__(KVAwareRequestRouter)
+    router.initialize_state()
+    router._replica_queue_len_cache = FakeQueueLengths(queue_lengths or {})
+    return router
+
+
+def choose(router: KVAwareRequestRouter, replicas: list[FakeReplica], hashes: list[str]) -> list[list[str]]:
+    ranks = asyncio.run(router.choose_replicas(replicas, FakePendingRequest({"prefix_hashes": hashes})))
+    return [[replica.name for replica in rank] for rank in ranks]
+
+
+def test_router_sends_a_request_to_the_replica_reporting_its_prefix() -> None:
+    replicas = [FakeReplica("a", stats(free=100)), FakeReplica("b", stats(free=10, hashes=HASHES[:3]))]
+    assert choose(make_router(), replicas, HASHES)[0] == ["b"]
+
+
+def test_router_remembers_where_it_just_sent_a_prefix_before_any_report_shows_it() -> None:
+    router = make_router()
+    replicas = [FakeReplica("a", stats(free=100)), FakeReplica("b", stats(free=10))]
+    router.on_request_routed(FakePendingRequest({"prefix_hashes": HASHES[:2]}), FakeReplicaID("b"), None)
+    assert choose(router, replicas, HASHES)[0] == ["b"]
+
+
+def test_router_falls_back_when_the_prefix_holder_is_saturated() -> None:
+    router = make_router(queue_lengths={"a": 0, "b": 8})
+    replicas = [FakeReplica("a", stats(free=100)), FakeReplica("b", stats(free=100, hashes=HASHES))]
+    assert choose(router, replicas, HASHES)[0] == ["a"]
+
+
+def test_router_ignores_stale_reports_for_load_but_uses_power_of_two() -> None:
+    replicas = [FakeReplica(name, stats(age_s=60)) for name in "abc"]
+    ranks = choose(make_router(), replicas, [])
+    assert len(ranks[0]) == 2

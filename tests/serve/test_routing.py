@@ -1,0 +1,102 @@
+"""Two replicas: both serve, a shared prefix sticks to one, a disconnect frees the KV blocks, queues are bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+
+from tests.serve.conftest import TINY_MAX_NUM_SEQS, TINY_MAX_QUEUED, ServedApp, replica_stats, run, wait_until
+
+
+def finished_per_replica(app: str) -> dict[str, int]:
+    return {name: stats["num_requests_finished"] for name, stats in replica_stats(app).items()}
+
+
+def idle(app: str) -> bool:
+    """Every replica has nothing running or waiting and all its KV blocks free (cached prefixes count as free)."""
+    stats = replica_stats(app).values()
+    return all(s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]
+               for s in stats)  # fmt: skip
+
+
+def random_ids(count: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, 49000) for _ in range(count)]
+
+
+async def complete(client: httpx.AsyncClient, prompt: list[int], max_tokens: int = 2) -> dict:
+    response = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
+                                                           "temperature": 0, "ignore_eos": True})  # fmt: skip
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_both_replicas_serve(tiny_app: ServedApp) -> None:
+    wait_until(lambda: len(replica_stats("tiny")) == 2)
+    before = finished_per_replica("tiny")
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=tiny_app.base_url, timeout=60) as client:
+            # Short prompts (no full block, so no prefix to follow): spread by load.
+            await asyncio.gather(*(complete(client, random_ids(8, seed), max_tokens=30) for seed in range(8)))
+
+    run(burst())
+    after = finished_per_replica("tiny")
+    assert all(after[name] > before.get(name, 0) for name in after), (before, after)
+
+
+def test_requests_sharing_a_prefix_land_on_the_same_replica(tiny_app: ServedApp) -> None:
+    shared = random_ids(16 * 8, seed=99)  # eight full blocks
+    before = finished_per_replica("tiny")
+
+    async def sequence() -> list[dict]:
+        async with httpx.AsyncClient(base_url=tiny_app.base_url, timeout=60) as client:
+            first = await complete(client, shared + random_ids(5, seed=0))
+            return [first] + [await complete(client, shared + random_ids(5, seed=i)) for i in range(1, 7)]
+
+    results = run(sequence())
+    after = finished_per_replica("tiny")
+    served = {name: after[name] - before.get(name, 0) for name in after}
+    assert sorted(served.values()) == [0, 7], served
+    for result in results[1:]:
+        assert result["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16 * 8
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_the_blocks(tiny_app: ServedApp) -> None:
+    wait_until(lambda: idle("tiny"))
+    before = finished_per_replica("tiny")
+    body = {"prompt": random_ids(40, seed=5), "max_tokens": 900, "ignore_eos": True, "stream": True}
+    chunks = 0
+    with httpx.Client(base_url=tiny_app.base_url, timeout=60) as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 3:
+                    break  # leaving the block closes the connection mid-stream
+    assert chunks == 3
+    wait_until(lambda: idle("tiny"), timeout_s=30)
+    # Aborted, not run to the end: no replica counts it as finished.
+    assert finished_per_replica("tiny") == before
+
+
+def test_full_queues_answer_429_with_retry_after_then_recover(tiny_app: ServedApp) -> None:
+    capacity = 2 * TINY_MAX_NUM_SEQS + TINY_MAX_QUEUED
+    body = {"prompt": random_ids(8, seed=11), "max_tokens": 200, "ignore_eos": True}
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=tiny_app.base_url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(capacity + 12)))
+
+    responses = run(flood())
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    rejected = [response for response in responses if response.status_code == 429]
+    assert rejected, "no request was refused: the queues are not bounded"
+    assert statuses.count(200) >= 2 * TINY_MAX_NUM_SEQS
+    assert int(rejected[0].headers["Retry-After"]) >= 1
+    assert rejected[0].json()["error"]["type"] == "rate_limit_exceeded"
+    wait_until(lambda: idle("tiny"))
+    assert httpx.post(f"{tiny_app.v1}/completions", json={"prompt": "ok", "max_tokens": 2}, timeout=60).status_code == 200
