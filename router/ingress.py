@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,7 +47,7 @@ class IngressConfig(BaseModel):
     model: str = Field(description="model directory: the tokenizer and chat template are loaded from it")
     tokenizer: str | None = None
     served_model_name: str | None = Field(default=None, description="the `model` id clients send; default: dir name")
-    api_key: str | None = Field(default=None, description=f"require this bearer token; default: ${API_KEY_ENV}")
+    api_key: SecretStr | None = Field(default=None, description=f"require this bearer token; default: ${API_KEY_ENV}")
     max_n: int = Field(default=16, ge=1, description="most completions (n, best_of) per request")
     max_prompts: int = Field(default=64, ge=1, description="most prompts in one completions request")
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="larger request bodies get 413")
@@ -70,7 +70,8 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
 @app.exception_handler(Exception)
 async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
     logger.exception("unhandled error")
-    return APIError(500, f"internal error: {type(error).__name__}; see the server log", code="internal_error").response()
+    message = f"internal error: {type(error).__name__}; see the server log"
+    return APIError(500, message, code="internal_error").response()
 
 
 def _event_stream(events: AsyncIterator[str], streams: list[PrimedStream]) -> StreamingResponse:
@@ -97,7 +98,10 @@ class OpenAIIngress:
 
     def __init__(self, replica: DeploymentHandle, config: dict[str, Any]) -> None:
         self.config = IngressConfig(**config)
-        api_key = self.config.api_key or os.environ.get(API_KEY_ENV) or None
+        # NOTE: a SecretStr, so the key never shows in a repr or a log line.
+        api_key = (self.config.api_key.get_secret_value() if self.config.api_key else None) or os.environ.get(
+            API_KEY_ENV
+        )
         self._api_key = api_key.encode() if api_key else None
         self.tokenizer = PromptTokenizer(self.config.tokenizer or self.config.model)
         self.replica = replica.options(stream=True)
@@ -117,7 +121,10 @@ class OpenAIIngress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
-        info = self._model_info
+        try:
+            info = await self.model_info()
+        except APIError:  # no replica up yet: list the model anyway
+            info = None
         return ModelList(data=[ModelCard(id=self.model_id, max_model_len=info["max_model_len"] if info else None)])
 
     @app.post("/v1/completions")
@@ -135,7 +142,9 @@ class OpenAIIngress:
         for prompt_ids in prompts:
             params = to_sampling_params(body, len(prompt_ids), info["max_model_len"], self._max_n(info))
             calls.append((prompt_ids, params))
-        streams = await prime([self._generate(f"{request_id}-{i}", ids, params) for i, (ids, params) in enumerate(calls)])
+        streams = await prime(
+            [self._generate(f"{request_id}-{i}", ids, params) for i, (ids, params) in enumerate(calls)]
+        )
         usage = responses.UsageCounter(prompt_tokens=sum(len(ids) for ids in prompts))
         with_logprobs = body.logprobs is not None
         if body.stream:

@@ -175,7 +175,8 @@ async def chat_events(
         choices = []
         for completion in output.outputs:
             logprobs = chat_logprobs(completion, token_text) if with_logprobs else None
-            delta = DeltaMessage(content=completion.text) if completion.text or not completion.finished else DeltaMessage()
+            has_text = completion.text or not completion.finished
+            delta = DeltaMessage(content=completion.text) if has_text else DeltaMessage()
             choices.append(ChatChunkChoice(index=completion.index, delta=delta, logprobs=logprobs,
                                            finish_reason=completion.finish_reason,
                                            stop_reason=completion.stop_reason))  # fmt: skip

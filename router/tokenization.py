@@ -30,7 +30,7 @@ class PromptTokenizer:
         if isinstance(prompt, str):
             prompts: list[list[int]] = [self.encode(prompt)]
         elif not prompt:
-            raise bad_request("prompt is empty: give a non-empty string, list of strings or list of token ids", "prompt")
+            raise bad_request("prompt is empty: give a non-empty string, strings, or token ids", "prompt")
         elif isinstance(prompt[0], str):
             prompts = [self.encode(text) for text in prompt]  # type: ignore[arg-type]
         elif isinstance(prompt[0], int):

@@ -1,0 +1,81 @@
+"""`LLMReplica` in-process (no Ray): streamed deltas, routing stats whose hashes match the router's, health check."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from replicas import SamplingParams
+from replicas.deployment import EngineUnhealthyError, LLMReplica
+from router.tokenization import prefix_block_hashes
+from tests.serve.conftest import wait_until
+
+
+@pytest.fixture
+def replica(tiny_llama_dir: Path):
+    instance = LLMReplica.func_or_class(
+        {"model": str(tiny_llama_dir), "kv_cache_memory_bytes": 4 * 2**20, "num_threads": 1}, stall_timeout_s=5.0
+    )
+    yield instance
+    instance.engine.shutdown()
+
+
+def generate(replica, prompt: list[int], max_tokens: int) -> list:
+    async def collect() -> list:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return [output async for output in replica.generate("r1", prompt, params, prefix_hashes=[])]
+
+    return asyncio.run(collect())
+
+
+def test_generate_streams_one_delta_per_token(replica) -> None:
+    outputs = generate(replica, list(range(100, 120)), max_tokens=5)
+    assert [len(output.outputs[0].token_ids) for output in outputs] == [1] * 5
+    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
+
+
+def test_reported_prefix_hashes_are_the_ones_the_router_computes(replica) -> None:
+    prompt = list(range(200, 200 + 16 * 3 + 5))  # three full blocks
+    generate(replica, prompt, max_tokens=1)
+    stats = replica.record_routing_stats()
+    assert set(prefix_block_hashes(prompt, replica.model_info()["block_size"])) <= set(stats["prefix_hashes"])
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert time.time() - stats["timestamp"] < 5
+
+
+def test_model_info_reports_what_the_ingress_validates_against(replica) -> None:
+    info = replica.model_info()
+    assert info["max_model_len"] == 1024 and info["block_size"] == 16 and info["max_num_seqs"] == 64
+
+
+def test_health_check_passes_while_the_loop_runs(replica) -> None:
+    replica.check_health()
+
+
+def test_health_check_fails_when_the_loop_stalls(replica) -> None:
+    release = threading.Event()
+    replica.engine._drain_commands = lambda block: release.wait(10)  # the loop's next turn hangs, as a stuck step would
+    replica.stall_timeout_s = 0.2
+
+    def unhealthy() -> str | None:
+        try:
+            replica.check_health()
+        except EngineUnhealthyError as error:
+            return str(error)
+        return None
+
+    try:
+        assert "no progress" in wait_until(unhealthy, timeout_s=5, interval_s=0.05)
+    finally:
+        release.set()
+
+
+def test_health_check_fails_when_the_loop_died(replica) -> None:
+    replica.engine.shutdown()
+    with pytest.raises(EngineUnhealthyError, match="not running"):
+        replica.check_health()
