@@ -104,7 +104,7 @@ def rank_replicas(
     best = max(shuffled, key=lambda r: r.prefix_blocks)
     if best.prefix_blocks >= policy.min_match_blocks:
         num_new_blocks = num_request_blocks - best.prefix_blocks + 1
-        if not _overloaded_for_affinity (best, replicas, num_new_blocks, policy):
+        if not _overloaded_for_affinity(best, replicas, num_new_blocks, policy):
             ranked.append([best.replica_id])
             shuffled.remove(best)
     if not shuffled:
