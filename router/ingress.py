@@ -147,13 +147,14 @@ class OpenAIIngress:
         )
         usage = responses.UsageCounter(prompt_tokens=sum(len(ids) for ids in prompts))
         with_logprobs = body.logprobs is not None
+        echo = [self.tokenizer.decode(ids) for ids in prompts] if body.echo else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = responses.completion_events(streams, body.n, self.model_id, usage, self.tokenizer.token_text,
-                                                 with_logprobs, include_usage, request_id)  # fmt: skip
+                                                 with_logprobs, include_usage, request_id, echo)  # fmt: skip
             return _event_stream(events, streams)
         return await responses.completion_response(
-            streams, body.n, self.model_id, usage, self.tokenizer.token_text, with_logprobs
+            streams, body.n, self.model_id, usage, self.tokenizer.token_text, with_logprobs, echo
         )
 
     @app.post("/v1/chat/completions")

@@ -18,17 +18,23 @@ _PASSTHROUGH = (
 
 def check_unsupported(request: CompletionRequest | ChatCompletionRequest) -> None:
     """Refuse, rather than ignore, the OpenAI fields this server does not implement yet."""
-    if request.logit_bias:
-        raise bad_request("logit_bias is not supported yet: leave it out or send {}", "logit_bias")
     if isinstance(request, CompletionRequest):
-        if request.echo:
-            raise bad_request("echo is not supported yet: leave it out or send false", "echo")
+        if request.echo and request.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (no prompt logprobs yet): drop one of them", "echo")
         if request.suffix:
             raise bad_request("suffix is not supported: leave it out", "suffix")
         if request.stream and request.best_of is not None and request.best_of > request.n:
             raise bad_request("best_of > n cannot be streamed: set stream=false or best_of=n", "best_of")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+
+
+def _token_bias(logit_bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI sends token ids as JSON object keys (strings); the engine checks they are in the vocabulary."""
+    try:
+        return {int(token_id): float(bias) for token_id, bias in logit_bias.items()}
+    except (TypeError, ValueError) as error:
+        raise bad_request(f"logit_bias keys must be token ids (integers as strings): {error}", "logit_bias") from error
 
 
 def to_sampling_params(
@@ -47,6 +53,8 @@ def to_sampling_params(
         )
     fields: dict[str, object] = {name: getattr(request, name) for name in _PASSTHROUGH}
     fields = {name: value for name, value in fields.items() if value is not None}
+    if request.logit_bias:
+        fields["logit_bias"] = _token_bias(request.logit_bias)
     if request.n > max_n:
         raise bad_request(f"n is {request.n}; this server allows at most {max_n} completions per request", "n")
 

@@ -95,8 +95,10 @@ def _collect(choices: dict[int, _Choice], index: int, completion: CompletionOutp
 
 
 async def completion_response(
-    streams: list[PrimedStream], n: int, model: str, usage: UsageCounter, token_text: TokenText, with_logprobs: bool
+    streams: list[PrimedStream], n: int, model: str, usage: UsageCounter, token_text: TokenText, with_logprobs: bool,
+    echo: list[str] | None = None,
 ) -> CompletionResponse:
+    """The whole completion; with `echo`, each choice's text starts with its prompt (`echo[prompt_index]`)."""
     choices: dict[int, _Choice] = {}
     async for prompt_index, output in merge(streams):
         usage.add(prompt_index, output)
@@ -109,14 +111,15 @@ async def completion_response(
         if with_logprobs:
             whole = CompletionOutput(0, choice.text, [], logprobs=choice.logprobs)
             logprobs = completion_logprobs(whole, token_text, 0)
-        result.append(CompletionChoice(index=index, text=choice.text, logprobs=logprobs,
+        text = echo[index // n] + choice.text if echo is not None else choice.text
+        result.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                        finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))  # fmt: skip
     return CompletionResponse(model=model, choices=result, usage=usage.usage())
 
 
 async def completion_events(
     streams: list[PrimedStream], n: int, model: str, usage: UsageCounter, token_text: TokenText,
-    with_logprobs: bool, include_usage: bool, request_id: str,
+    with_logprobs: bool, include_usage: bool, request_id: str, echo: list[str] | None = None,
 ) -> AsyncIterator[str]:  # fmt: skip
     """SSE chunks of a streamed completion, then the usage chunk if asked for, then `[DONE]`."""
     created = int(time.time())
@@ -129,8 +132,11 @@ async def completion_events(
             logprobs = None
             if with_logprobs:
                 logprobs = completion_logprobs(completion, token_text, offsets.get(index, 0))
+            text = completion.text
+            if echo is not None and index not in offsets:  # the first chunk of a choice carries its prompt
+                text = echo[prompt_index] + text
             offsets[index] = offsets.get(index, 0) + len(completion.text)
-            choices.append(CompletionChoice(index=index, text=completion.text, logprobs=logprobs,
+            choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
                                             finish_reason=completion.finish_reason,
                                             stop_reason=completion.stop_reason))  # fmt: skip
         if choices:
@@ -161,7 +167,7 @@ async def chat_response(
 
 async def chat_events(
     stream: PrimedStream, n: int, model: str, usage: UsageCounter, token_text: TokenText,
-    with_logprobs: bool, include_usage: bool, request_id: str,
+    with_logprobs: bool, include_usage: bool, request_id: str, echo: list[str] | None = None,
 ) -> AsyncIterator[str]:  # fmt: skip
     """SSE chunks of a streamed chat completion: the role first, then content deltas, then the finish reason."""
     created = int(time.time())

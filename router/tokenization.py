@@ -25,6 +25,10 @@ class PromptTokenizer:
         """Same call as the engine's own `add_request(prompt=...)`, so both paths see the same ids."""
         return self.tokenizer.encode(text)
 
+    def decode(self, token_ids: list[int]) -> str:
+        """A prompt as text (for `echo`), special tokens included as the client sent them."""
+        return self.tokenizer.decode(token_ids)
+
     def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """A completions `prompt` (string, strings, token ids, or lists of token ids) as one id list per prompt."""
         if isinstance(prompt, str):

@@ -106,3 +106,16 @@ def test_chat_n_and_logprobs(client: openai.OpenAI) -> None:
                                           n=2, temperature=1.0, seed=3, logprobs=True, top_logprobs=2)  # fmt: skip
     assert sorted(choice.index for choice in chat.choices) == [0, 1]
     assert all(len(choice.logprobs.content) == 3 for choice in chat.choices)
+
+
+def test_echo_prepends_the_prompt_and_logit_bias_forces_a_token(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, **GREEDY)
+    echoed = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, echo=True, **GREEDY)
+    assert echoed.choices[0].text == "Hello there" + plain.choices[0].text
+    streamed = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, echo=True, stream=True,
+                                         **GREEDY)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == echoed.choices[0].text
+    forced = client.completions.create(model="tiny", prompt="Hello there", max_tokens=3, logit_bias={"777": 100},
+                                       **GREEDY).choices[0].text
+    assert forced and forced != plain.choices[0].text[: len(forced)]
+    assert forced == forced[: len(forced) // 3] * 3  # the same token three times

@@ -56,6 +56,11 @@ def test_chat_max_completion_tokens_wins_and_logprobs_map_to_top_logprobs() -> N
     assert sampling.max_tokens == 7 and sampling.logprobs == 2
 
 
-@pytest.mark.parametrize(("fields", "param"), [({"logit_bias": {"1": 2.0}}, "logit_bias"), ({"echo": True}, "echo")])
+@pytest.mark.parametrize(("fields", "param"), [({"echo": True, "logprobs": 1}, "echo"), ({"suffix": "x"}, "suffix")])
 def test_unsupported_fields_are_refused_not_ignored(fields: dict, param: str) -> None:
     assert error_of(lambda: check_unsupported(CompletionRequest(prompt="x", **fields))).param == param
+
+
+def test_logit_bias_keys_become_token_ids() -> None:
+    request = CompletionRequest(prompt="x", logit_bias={"17": -100, "3": 2.5})
+    assert to_sampling_params(request, 10, MAX_MODEL_LEN, max_n=8).logit_bias == {17: -100.0, 3: 2.5}
