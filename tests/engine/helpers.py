@@ -57,3 +57,14 @@ def make_engine(model_dir: Path, **kwargs: object) -> LLMEngine:
     kwargs.setdefault("kv_cache_memory_bytes", 32 * 1024 * 1024)
     kwargs.setdefault("num_threads", 2)
     return LLMEngine.from_kwargs(str(model_dir), **kwargs)
+
+
+def generate_greedy(
+    model_dir: Path, prompts: list[list[int]], max_tokens: int, **engine_kwargs: object
+) -> tuple[list[list[int]], LLMEngine]:
+    """All prompts submitted together, then stepped to completion: each prompt's tokens in order, and the engine."""
+    engine = make_engine(model_dir, **engine_kwargs)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy(max_tokens))
+    results = run_to_completion(engine)
+    return [results[f"r{i}"][0] for i in range(len(prompts))], engine

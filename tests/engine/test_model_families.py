@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import build_tiny_gpt2, build_tiny_llama_like
-from tests.engine.helpers import greedy, hf_greedy, make_engine, random_prompts, run_to_completion
+from tests.engine.helpers import generate_greedy, greedy, hf_greedy, make_engine, random_prompts, run_to_completion
 
 GPT2_VOCAB_SIZE = 50257
 SLIDING_WINDOW = 16
@@ -18,12 +18,7 @@ SLIDING_WINDOW = 16
 def engine_greedy(
     model_dir: Path, prompts: list[list[int]], max_tokens: int, **engine_kwargs: object
 ) -> list[list[int]]:
-    """All prompts submitted together, then stepped to completion; each prompt's tokens, in order."""
-    engine = make_engine(model_dir, **engine_kwargs)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, greedy(max_tokens))
-    results = run_to_completion(engine)
-    return [results[f"r{i}"][0] for i in range(len(prompts))]
+    return generate_greedy(model_dir, prompts, max_tokens, **engine_kwargs)[0]
 
 
 @pytest.fixture(scope="module")

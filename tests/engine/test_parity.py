@@ -6,17 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.helpers import greedy, hf_greedy, make_engine, random_prompts, run_to_completion
+from tests.engine.helpers import generate_greedy, greedy, hf_greedy, make_engine, random_prompts, run_to_completion
 
 
 def test_tiny_llama_batch_of_mixed_prompts_matches_transformers(tiny_llama_dir: Path) -> None:
     prompts = random_prompts(16, 1, 90, seed=1)
     expected = hf_greedy(tiny_llama_dir, prompts, max_new_tokens=24)
-    engine = make_engine(tiny_llama_dir)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, greedy(24))
-    results = run_to_completion(engine)
-    assert [results[f"r{i}"][0] for i in range(len(prompts))] == expected
+    assert generate_greedy(tiny_llama_dir, prompts, 24)[0] == expected
 
 
 def test_untied_embeddings_and_llama3_rope_match_transformers(tmp_path: Path, default_model_dir: Path) -> None:
@@ -40,11 +36,7 @@ def test_untied_embeddings_and_llama3_rope_match_transformers(tmp_path: Path, de
     )
     prompts = random_prompts(4, 60, 150, seed=2)
     expected = hf_greedy(model_dir, prompts, max_new_tokens=16)
-    engine = make_engine(model_dir)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, greedy(16))
-    results = run_to_completion(engine)
-    assert [results[f"r{i}"][0] for i in range(len(prompts))] == expected
+    assert generate_greedy(model_dir, prompts, 16)[0] == expected
 
 
 def test_request_alone_and_inside_a_batch_of_32_give_identical_tokens(tiny_llama_dir: Path) -> None:
@@ -67,11 +59,7 @@ def test_default_model_matches_transformers(default_model_dir: Path) -> None:
     prompts = [tokenizer.encode(text) for text in texts]
     assert prompts[0] == [6403, 1980, 253, 655]
     expected = hf_greedy(default_model_dir, prompts, max_new_tokens=12)
-    engine = make_engine(default_model_dir, kv_cache_memory_bytes=256 * 1024 * 1024, max_model_len=2048)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, greedy(12))
-    results = run_to_completion(engine)
-    assert [results[f"r{i}"][0] for i in range(len(prompts))] == expected
+    assert generate_greedy(default_model_dir, prompts, 12, kv_cache_memory_bytes=256 * 1024 * 1024, max_model_len=2048)[0] == expected
 
 
 @pytest.mark.slow

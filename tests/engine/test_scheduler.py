@@ -5,17 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from replicas.scheduler import Scheduler
-from tests.engine.helpers import greedy, make_engine, random_prompts, run_to_completion
+from tests.engine.helpers import generate_greedy, greedy, make_engine, random_prompts, run_to_completion
 
 TINY_BLOCK_BYTES = 2 * 2 * 2 * 16 * 4 * 16  # layers x kv heads x head_dim x fp32 x block_size, keys and values
 
 
-def run(model_dir: Path, prompts: list[list[int]], max_tokens: int, **engine_kwargs: object):
-    engine = make_engine(model_dir, **engine_kwargs)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, greedy(max_tokens))
-    results = run_to_completion(engine)
-    return [results[f"r{i}"][0] for i in range(len(prompts))], engine
+run = generate_greedy
 
 
 def test_preemption_under_a_tiny_kv_budget_leaves_outputs_unchanged(tiny_llama_dir: Path) -> None:
