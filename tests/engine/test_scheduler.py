@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from replicas.scheduler import Scheduler
-from tests.engine.helpers import generate_greedy, greedy, make_engine, random_prompts, run_to_completion
+from tests.engine.helpers import generate_greedy, greedy, make_engine, random_prompts
 
 TINY_BLOCK_BYTES = 2 * 2 * 2 * 16 * 4 * 16  # layers x kv heads x head_dim x fp32 x block_size, keys and values
 
