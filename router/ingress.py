@@ -19,7 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from replicas import SamplingParams
 from router import responses
+from router.admission import AdmissionLimit, ConcurrencyLimitMiddleware
 from router.errors import APIError, bad_request, from_validation_error, http_status_error
+from router.openapi_schema import add_request_schemas, json_body
 from router.params import check_unsupported, to_sampling_params
 from router.protocol import (
     ChatCompletionRequest,
@@ -36,7 +38,14 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "PAGED_SERVE_API_KEY"
 
-app = FastAPI(title="paged-serve", docs_url=None, redoc_url=None)
+# NOTE: the schema is served by an authorized route below (`openapi_url=None` drops FastAPI's open one).
+app = FastAPI(title="paged-serve", docs_url=None, redoc_url=None, openapi_url=None)
+# Requests in flight in this ingress replica; the cap is set from IngressConfig when the replica starts.
+ADMISSION = AdmissionLimit()
+app.add_middleware(ConcurrencyLimitMiddleware, limit=ADMISSION)
+add_request_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest])
+# Serve's own queue in front of the ingress answers overflow in plain text: keep its slots well above the cap.
+INGRESS_MAX_ONGOING_REQUESTS = 4096
 
 
 class IngressConfig(BaseModel):
@@ -51,6 +60,10 @@ class IngressConfig(BaseModel):
     max_n: int = Field(default=16, ge=1, description="most completions (n, best_of) per request")
     max_prompts: int = Field(default=64, ge=1, description="most prompts in one completions request")
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_concurrent_requests: int = Field(
+        default=512, ge=1, lt=INGRESS_MAX_ONGOING_REQUESTS, description="more in flight per ingress replica: 503"
+    )
+    overload_retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After of that 503")
     generate_max_tokens: int = Field(default=128, ge=1, description="`/generate`'s default token count")
 
     def model_id(self) -> str:
@@ -91,13 +104,15 @@ def _event_stream(events: AsyncIterator[str], streams: list[PrimedStream]) -> St
     return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@serve.deployment(name="OpenAIIngress", max_ongoing_requests=512, max_queued_requests=512)
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, max_queued_requests=512)
 @serve.ingress(app)
 class OpenAIIngress:
     """Validates and tokenizes requests, streams them to an `LLMReplica`, and shapes the answers."""
 
     def __init__(self, replica: DeploymentHandle, config: dict[str, Any]) -> None:
         self.config = IngressConfig(**config)
+        ADMISSION.max_in_flight = self.config.max_concurrent_requests
+        ADMISSION.retry_after_s = self.config.overload_retry_after_s
         # NOTE: a SecretStr, so the key never shows in a repr or a log line.
         api_key = (self.config.api_key.get_secret_value() if self.config.api_key else None) or os.environ.get(
             API_KEY_ENV
@@ -118,6 +133,12 @@ class OpenAIIngress:
         """Liveness of the ingress; replica health is Serve's to check (`LLMReplica.check_health`)."""
         return {"status": "ok"}
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> dict[str, Any]:
+        """The API's OpenAPI schema (behind the API key, like every route but /health)."""
+        self._authorize(request)
+        return app.openapi()
+
     @app.get("/v1/models")
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
@@ -127,7 +148,7 @@ class OpenAIIngress:
             info = None
         return ModelList(data=[ModelCard(id=self.model_id, max_model_len=info["max_model_len"] if info else None)])
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         self._authorize(request)
         body = await self._parse(request, CompletionRequest)
@@ -157,7 +178,7 @@ class OpenAIIngress:
             streams, body.n, self.model_id, usage, self.tokenizer.token_text, with_logprobs, echo
         )
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Any:
         self._authorize(request)
         body = await self._parse(request, ChatCompletionRequest)
@@ -176,7 +197,7 @@ class OpenAIIngress:
             return _event_stream(events, [stream])
         return await responses.chat_response(stream, self.model_id, usage, self.tokenizer.token_text, body.logprobs)
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=json_body(GenerateRequest))
     async def generate(self, request: Request) -> dict[str, str]:
         """The seed's endpoint: `{"prompt": "..."}` in, `{"generated_text": "..."}` out (greedy, no template)."""
         self._authorize(request)
@@ -242,6 +263,10 @@ class OpenAIIngress:
 
     async def _parse(self, request: Request, schema: type[BaseModel]) -> Any:
         """The JSON body validated against `schema`; 413 over the size cap, 400 for anything malformed."""
+        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise APIError(415, f"content type {media_type!r} is not supported: send `Content-Type: application/json`",
+                           code="unsupported_media_type")  # fmt: skip
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -256,6 +281,8 @@ class OpenAIIngress:
             payload = json.loads(b"".join(chunks) or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise bad_request(f"the body is not valid JSON: {error}", code="invalid_json") from error
+        except RecursionError as error:  # hostile nesting: the parser gives up before building it
+            raise bad_request("the body is nested too deeply", code="invalid_json") from error
         if not isinstance(payload, dict):
             raise bad_request("the body must be a JSON object", code="invalid_json")
         try:
