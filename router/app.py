@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
-from ray.serve.config import BackpressureConfig, RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
 
 from replicas.deployment import LLMReplica
 from router.ingress import IngressConfig, OpenAIIngress
@@ -28,6 +28,15 @@ class AppArgs(BaseModel):
     num_replicas: int | None = Field(default=None, ge=1, description="None: Serve's default or autoscaling_config")
     replica_num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica (torch threads)")
     replica_num_gpus: float = Field(default=0.0, ge=0, description="1 on GPU machines")
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per replica: only nodes that advertise them host one"
+    )
+    max_replicas_per_node: int | None = Field(
+        default=None, ge=1, description="at most this many engine replicas per node (1: one per node, spread)"
+    )
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None, description="Serve AutoscalingConfig fields for the replicas; exclusive with num_replicas"
+    )
     ingress_num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per ingress replica (tokenizing)")
     max_queued_requests: int = Field(default=128, ge=1, description="per caller, beyond the replicas' slots: 429")
     retry_after_s: float = Field(default=1.0, ge=0)
@@ -35,6 +44,17 @@ class AppArgs(BaseModel):
     routing_stats_period_s: float = Field(default=1.0, gt=0)
     router: dict[str, Any] = Field(default_factory=dict, description="KVAwareRequestRouter.initialize_state kwargs")
     ingress: dict[str, Any] = Field(default_factory=dict, description="more IngressConfig fields (api_key, max_n...)")
+
+    @model_validator(mode="after")
+    def _one_replica_count(self) -> AppArgs:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas (a fixed count) or autoscaling_config, not both")
+        if self.autoscaling_config is not None:
+            unknown = sorted(set(self.autoscaling_config) - set(AutoscalingConfig.model_fields))
+            if unknown:  # Serve would ignore a misspelt field silently
+                raise ValueError(f"unknown autoscaling_config fields {unknown}; see ray.serve.config.AutoscalingConfig")
+            AutoscalingConfig(**self.autoscaling_config)  # bad bounds fail here, at the edge, not in the controller
+        return self
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
@@ -47,6 +67,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     actor_options: dict[str, Any] = {"num_cpus": args.replica_num_cpus}
     if args.replica_num_gpus:
         actor_options["num_gpus"] = args.replica_num_gpus
+    if args.replica_resources:
+        actor_options["resources"] = dict(args.replica_resources)
     if "num_threads" not in args.engine and args.replica_num_cpus < 1:
         engine_config["num_threads"] = 1
     router_kwargs = {"stats_stale_after_s": max(5.0, 5 * args.routing_stats_period_s), **args.router}
@@ -66,6 +88,11 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     }
     if args.num_replicas is not None:
         options["num_replicas"] = args.num_replicas
+    if args.autoscaling_config is not None:
+        options["autoscaling_config"] = args.autoscaling_config
+    if args.max_replicas_per_node is not None:
+        # NOTE: Serve already places replicas with Ray's SPREAD strategy; this is the hard cap on top of it.
+        options["max_replicas_per_node"] = args.max_replicas_per_node
     replica = LLMReplica.options(**options).bind(engine_config, stall_timeout_s=args.stall_timeout_s)
     ingress_config = IngressConfig(
         model=args.model,
