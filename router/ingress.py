@@ -104,6 +104,17 @@ def _event_stream(events: AsyncIterator[str], streams: list[PrimedStream]) -> St
     return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def _generate_events(stream: AsyncIterator[Any], num_prompt_tokens: int) -> AsyncIterator[str]:
+    """`/generate`'s SSE stream: one event per completion delta, then the token counts."""
+    num_tokens = 0
+    async for output in stream:
+        for completion in output.outputs:
+            num_tokens += len(completion.token_ids)
+            yield sse({"index": completion.index, "text": completion.text, "num_tokens": len(completion.token_ids)})
+    yield sse({"usage": {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_tokens}})
+    yield sse("[DONE]")
+
+
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, max_queued_requests=512)
 @serve.ingress(app)
 class OpenAIIngress:
@@ -198,8 +209,11 @@ class OpenAIIngress:
         return await responses.chat_response(stream, self.model_id, usage, self.tokenizer.token_text, body.logprobs)
 
     @app.post("/generate", openapi_extra=json_body(GenerateRequest))
-    async def generate(self, request: Request) -> dict[str, str]:
-        """The seed's endpoint: `{"prompt": "..."}` in, `{"generated_text": "..."}` out (greedy, no template)."""
+    async def generate(self, request: Request) -> Any:
+        """The seed's endpoint: `{"prompt": "..."}` in, `{"generated_text": "..."}` out (greedy, no template).
+
+        Extensions the benchmark's load generator uses: `n` (then `generated_text` is a list), `seed`,
+        `ignore_eos`, `stream` (SSE deltas); the answer also carries `usage` token counts."""
         self._authorize(request)
         body = await self._parse(request, GenerateRequest)
         if not body.prompt:
@@ -213,15 +227,23 @@ class OpenAIIngress:
                 f"prompt is {len(prompt_ids)} tokens; max_model_len is {info['max_model_len']}", "prompt",
                 code="context_length_exceeded",
             )  # fmt: skip
+        if body.n > self._max_n(info):
+            raise bad_request(f"n is {body.n}; at most {self._max_n(info)}", "n")
         try:
-            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature or 0.0)
+            params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature or 0.0, n=body.n,
+                                    seed=body.seed, ignore_eos=body.ignore_eos)  # fmt: skip
         except ValidationError as error:
             raise from_validation_error(error) from error
         (stream,) = await prime([self._generate(random_id("gen"), prompt_ids, params)])
-        text = ""
+        if body.stream:
+            return _event_stream(_generate_events(stream, len(prompt_ids)), [stream])
+        texts, num_tokens = [""] * body.n, 0
         async for output in stream:
-            text += "".join(completion.text for completion in output.outputs)
-        return {"generated_text": text}
+            for completion in output.outputs:
+                texts[completion.index] += completion.text
+                num_tokens += len(completion.token_ids)
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": num_tokens}
+        return {"generated_text": texts[0] if body.n == 1 else texts, "usage": usage}
 
     # --- helpers ----------------------------------------------------------------------------------------------
 

@@ -93,6 +93,11 @@ class GenerateRequest(BaseModel):
     prompt: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    # Extensions for the benchmark's load generator (bench/loadgen.py), served the same way by its baselines:
+    n: int = Field(default=1, ge=1)
+    seed: int | None = None
+    ignore_eos: bool = False
+    stream: bool = False  # SSE: {"index", "text", "num_tokens"} deltas, then {"usage": {...}}, then [DONE]
 
 
 # --- responses ---------------------------------------------------------------------------------------------------
