@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -103,6 +104,12 @@ class LLMReplica:
             "num_requests_finished": stats.num_requests_finished,
             "prefix_cache_queries": stats.prefix_cache_queries,
             "prefix_cache_hits": stats.prefix_cache_hits,
+            # For bench/serving.py, which samples KV usage and memory over a run (not used for routing):
+            "kv_slots_allocated": stats.kv_slots_allocated,
+            "kv_slots_live": stats.kv_slots_live,
+            "num_generation_tokens": stats.num_generation_tokens,
+            "num_preemptions": stats.num_preemptions,
+            "pid": os.getpid(),
             "prefix_hashes": self._recent_prefix_hashes(),
         }
 
@@ -134,7 +141,5 @@ def _assigned_cpus() -> int:
     except Exception:  # noqa: BLE001 — not in a Ray worker
         cpus = None
     if not cpus:
-        import os
-
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, math.floor(cpus))
