@@ -91,7 +91,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)  # checked here: the context clamp below would hide a bad one
     temperature: float | None = None
     # Extensions for the benchmark's load generator (bench/loadgen.py), served the same way by its baselines:
     n: int = Field(default=1, ge=1)
