@@ -1,0 +1,297 @@
+"""Closed-loop load generator: N users send `POST /generate` requests back to back and read the answers as SSE.
+
+One request stream per workload (seeded), the same for every system: users take the next request from it when
+their previous one is answered. Each load level runs for `duration_s`; then no new requests start, the ones in
+flight get `drain_s` to finish, and whatever is still open is cancelled (reported as censored, not dropped).
+
+Statistics (see `LevelResult.summary`):
+- throughput: tokens delivered up to the last delivery in the level's window, divided by the time to it (for a
+  server that answers in bursts, such as a static batch, the window ends at its last burst, not in the idle tail);
+- latency, TTFT: over completed requests; a censored request counts as longer than any completed one, so a
+  percentile it reaches is reported as a lower bound (`inf`) and the mean falls back to Little's law,
+  users / request rate, which holds for a closed loop without think time;
+- ``python -m bench.loadgen URL --users 8`` drives any server with this API by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    prompt: str
+    max_tokens: int
+    n: int = 1
+    temperature: float = 0.0
+    seed: int | None = None
+    prompt_tokens: int = 0  # as the workload builder counted them
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"prompt": self.prompt, "max_tokens": self.max_tokens, "ignore_eos": True,
+                                "stream": True, "temperature": self.temperature}  # fmt: skip
+        if self.n != 1:
+            body["n"] = self.n
+        if self.seed is not None:
+            body["seed"] = self.seed
+        return body
+
+
+# --- workloads -------------------------------------------------------------------------------------------------
+
+
+def word_vocabulary(tokenizer: Any) -> list[str]:
+    """Vocabulary entries that are one space-prefixed lowercase word: a prompt of k of them is about k tokens."""
+    words = []
+    for token in tokenizer.get_vocab():
+        if token.startswith("Ġ") and token[1:].isalpha() and token[1:].islower() and len(token) >= 4:
+            words.append(token[1:])
+    if not words:
+        raise ValueError("the tokenizer has no space-prefixed word tokens to build prompts from")
+    return sorted(words)
+
+
+def _text(rng: random.Random, words: Sequence[str], num_words: int) -> str:
+    return " ".join(rng.choice(words) for _ in range(num_words))
+
+
+def mixed_workload(words: Sequence[str], num_requests: int, seed: int, prompt_len: tuple[int, int] = (32, 256),
+                   output_len: tuple[int, int] = (64, 128)) -> list[RequestSpec]:  # fmt: skip
+    """Independent prompts of uniformly drawn lengths; greedy outputs of uniformly drawn lengths (EOS ignored)."""
+    rng = random.Random(seed)
+    specs = []
+    for _ in range(num_requests):
+        length = rng.randint(*prompt_len)
+        specs.append(RequestSpec(_text(rng, words, length), rng.randint(*output_len), prompt_tokens=length))
+    return specs
+
+
+def shared_prefix_workload(words: Sequence[str], num_requests: int, seed: int, prefix_len: int = 512,
+                           tail_len: tuple[int, int] = (16, 64),
+                           output_len: tuple[int, int] = (64, 128)) -> list[RequestSpec]:  # fmt: skip
+    """One system prompt of `prefix_len` words shared by every request, then a unique question."""
+    rng = random.Random(seed)
+    system = _text(rng, words, prefix_len)
+    specs = []
+    for _ in range(num_requests):
+        tail = rng.randint(*tail_len)
+        specs.append(RequestSpec(f"{system}\n{_text(rng, words, tail)}", rng.randint(*output_len),
+                                 prompt_tokens=prefix_len + 1 + tail))  # fmt: skip
+    return specs
+
+
+def parallel_sampling_workload(words: Sequence[str], num_requests: int, seed: int, n: int = 4,
+                               prompt_len: tuple[int, int] = (32, 256),
+                               output_len: tuple[int, int] = (64, 128)) -> list[RequestSpec]:  # fmt: skip
+    """`n` sampled completions per prompt (temperature 1, seeded per request)."""
+    rng = random.Random(seed)
+    specs = []
+    for i in range(num_requests):
+        length = rng.randint(*prompt_len)
+        specs.append(RequestSpec(_text(rng, words, length), rng.randint(*output_len), n=n, temperature=1.0,
+                                 seed=seed * 100_003 + i, prompt_tokens=length))  # fmt: skip
+    return specs
+
+
+# --- one request ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestRecord:
+    start: float  # seconds since the level started
+    prompt_tokens: int = 0
+    first_token: float | None = None  # when the first token arrived
+    end: float | None = None  # when the answer was complete; None: censored (or failed)
+    completion_tokens: int = 0
+    deliveries: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens) as they arrived
+    error: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.end is not None and self.error is None
+
+    @property
+    def latency(self) -> float | None:
+        return self.end - self.start if self.completed else None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.first_token - self.start if self.first_token is not None else None
+
+
+def parse_sse_line(line: str) -> dict[str, Any] | None:
+    """The JSON payload of one `data:` line; None for blank lines, comments and `[DONE]`."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[5:].strip()
+    if payload == "[DONE]" or not payload:
+        return None
+    return json.loads(payload)
+
+
+async def send(client: httpx.AsyncClient, url: str, spec: RequestSpec, record: RequestRecord, t0: float) -> None:
+    """Send one streamed request and fill `record` as events arrive."""
+    async with client.stream("POST", url, json=spec.body()) as response:
+        if response.status_code != 200:
+            body = (await response.aread()).decode(errors="replace")
+            record.error = f"HTTP {response.status_code}: {body[:200]}"
+            return
+        async for line in response.aiter_lines():
+            event = parse_sse_line(line)
+            if event is None:
+                continue
+            now = time.perf_counter() - t0
+            if "error" in event:
+                record.error = str(event["error"].get("message", event["error"]))
+                return
+            if "usage" in event:
+                record.prompt_tokens = event["usage"].get("prompt_tokens", 0)
+                continue
+            tokens = int(event.get("num_tokens", 0))
+            if tokens:
+                if record.first_token is None:
+                    record.first_token = now
+                record.deliveries.append((now, tokens))
+                record.completion_tokens += tokens
+    record.end = time.perf_counter() - t0
+
+
+# --- one load level -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LevelResult:
+    users: int
+    duration_s: float
+    drain_s: float
+    records: list[RequestRecord]
+    started_at: float = 0.0  # wall clock (time.time()) when the level began
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.records, self.users, self.duration_s + self.drain_s)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 1]); `inf` values sort last; nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summarize(records: Sequence[RequestRecord], users: int, window_s: float) -> dict[str, Any]:
+    """The level's statistics (see the module docstring for the definitions)."""
+    deliveries = sorted(d for r in records for d in r.deliveries if d[0] <= window_s)
+    end = deliveries[-1][0] if deliveries else 0.0
+    tokens = sum(n for _, n in deliveries)
+    completed = [r for r in records if r.completed]
+    censored = [r for r in records if r.end is None and r.error is None]
+    failed = [r for r in records if r.error is not None]
+    latencies = [r.latency for r in completed] + [math.inf] * len(censored)
+    ttfts = [r.ttft for r in records if r.ttft is not None] + [
+        math.inf for r in censored if r.ttft is None
+    ]
+    req_per_s = len(completed) / end if end > 0 else 0.0
+    measured_mean = sum(r.latency for r in completed) / len(completed) if completed else math.nan
+    littles_law = users / req_per_s if req_per_s > 0 else math.inf
+    return {
+        "users": users,
+        "requests_completed": len(completed),
+        "requests_censored": len(censored),
+        "requests_failed": len(failed),
+        "errors": sorted({r.error for r in failed})[:5],
+        "elapsed_s": end,
+        "output_tokens": tokens,
+        "prompt_tokens": sum(r.prompt_tokens for r in completed),
+        "tok_per_s": tokens / end if end > 0 else 0.0,
+        "req_per_s": req_per_s,
+        "latency_mean_s": measured_mean if not censored else littles_law,
+        "latency_mean_estimated": bool(censored),
+        "latency_mean_measured_s": measured_mean,
+        "latency_littles_law_s": littles_law,
+        "latency_p50_s": percentile(latencies, 0.50),
+        "latency_p99_s": percentile(latencies, 0.99),
+        "ttft_p50_s": percentile(ttfts, 0.50),
+        "ttft_p99_s": percentile(ttfts, 0.99),
+    }
+
+
+async def run_level(url: str, requests: Iterator[RequestSpec], users: int, duration_s: float, drain_s: float,
+                    progress: tqdm | None = None, timeout_s: float = 3600.0) -> LevelResult:  # fmt: skip
+    """`users` concurrent closed-loop users for `duration_s`, then up to `drain_s` for the requests in flight."""
+    records: list[RequestRecord] = []
+    started_at = time.time()
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=users + 4, max_keepalive_connections=users + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+
+        async def user() -> None:
+            while time.perf_counter() - t0 < duration_s:
+                spec = next(requests)
+                record = RequestRecord(start=time.perf_counter() - t0, prompt_tokens=spec.prompt_tokens)
+                records.append(record)
+                try:
+                    await send(client, url, spec, record, t0)
+                except httpx.HTTPError as error:
+                    record.error = f"{type(error).__name__}: {error}"
+                if progress is not None:
+                    progress.update()
+                if record.error is not None:
+                    await asyncio.sleep(0.5)  # a refusing server must not spin the loop
+
+        tasks = [asyncio.create_task(user()) for _ in range(users)]
+        await asyncio.sleep(duration_s)
+        done, pending = await asyncio.wait(tasks, timeout=drain_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()
+    return LevelResult(users, duration_s, drain_s, records, started_at)
+
+
+def request_cycle(workload: Sequence[RequestSpec]) -> Iterator[RequestSpec]:
+    return itertools.cycle(workload)
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from replicas.default_model import DEFAULT_MODEL_DIR
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url", help="e.g. http://127.0.0.1:8000/generate")
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--drain", type=float, default=30.0)
+    parser.add_argument("--workload", choices=("mixed", "shared_prefix", "parallel_sampling"), default="mixed")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="tokenizer for building prompts")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    words = word_vocabulary(AutoTokenizer.from_pretrained(str(args.model)))
+    build = {"mixed": mixed_workload, "shared_prefix": shared_prefix_workload,
+             "parallel_sampling": parallel_sampling_workload}[args.workload]  # fmt: skip
+    workload = build(words, 256, args.seed)
+    with tqdm(desc=f"{args.users} users", unit="req") as progress:
+        result = asyncio.run(run_level(args.url, request_cycle(workload), args.users, args.duration, args.drain,
+                                       progress))  # fmt: skip
+    print(json.dumps(result.summary(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The load generator's statistics and workloads (no server, no model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.loadgen import (
+    RequestRecord,
+    RequestSpec,
+    mixed_workload,
+    parallel_sampling_workload,
+    parse_sse_line,
+    percentile,
+    shared_prefix_workload,
+    summarize,
+    word_vocabulary,
+)
+
+WORDS = [f"w{i}" for i in range(50)]
+
+
+def completed(start: float, first: float, end: float, tokens: int) -> RequestRecord:
+    return RequestRecord(start=start, first_token=first, end=end, completion_tokens=tokens,
+                         deliveries=[(first, 1), (end, tokens - 1)])  # fmt: skip
+
+
+def test_percentile_is_nearest_rank_and_sorts_infinity_last() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50
+    assert percentile(values, 0.99) == 99
+    assert percentile([3.0, math.inf, 1.0], 0.5) == 3.0
+    assert percentile([1.0, math.inf], 0.99) == math.inf
+    assert math.isnan(percentile([], 0.5))
+
+
+def test_throughput_counts_tokens_up_to_the_last_delivery_in_the_window() -> None:
+    records = [completed(0.0, 1.0, 4.0, 10), completed(0.0, 2.0, 8.0, 30), completed(4.0, 5.0, 20.0, 50)]
+    summary = summarize(records, users=2, window_s=10.0)
+    # Deliveries inside the 10 s window: 1+9 (request 1), 1+29 (request 2), 1 (request 3 at t=5); the last at t=8.
+    assert summary["elapsed_s"] == 8.0
+    assert summary["output_tokens"] == 41
+    assert summary["tok_per_s"] == pytest.approx(41 / 8.0)
+    assert summary["requests_completed"] == 3
+
+
+def test_latency_statistics_without_censoring_are_measured() -> None:
+    records = [completed(0.0, 0.5, 2.0, 4), completed(0.0, 1.0, 4.0, 4), completed(2.0, 3.0, 6.0, 4)]
+    summary = summarize(records, users=2, window_s=100.0)
+    assert summary["latency_mean_s"] == pytest.approx((2 + 4 + 4) / 3)
+    assert not summary["latency_mean_estimated"]
+    assert summary["latency_p50_s"] == 4.0
+    assert summary["ttft_p50_s"] == 1.0
+    assert summary["req_per_s"] == pytest.approx(3 / 6.0)
+
+
+def test_censored_requests_push_percentiles_to_a_lower_bound_and_the_mean_to_littles_law() -> None:
+    records = [completed(0.0, 1.0, 10.0, 5), completed(10.0, 11.0, 20.0, 5)]
+    records += [RequestRecord(start=0.0) for _ in range(8)]  # queued behind a one-at-a-time server, cut off
+    summary = summarize(records, users=9, window_s=30.0)
+    assert summary["requests_censored"] == 8
+    assert summary["latency_p99_s"] == math.inf
+    assert summary["ttft_p99_s"] == math.inf
+    # Two requests in 20 s with 9 users in the loop: Little's law gives 9 / 0.1 = 90 s, not the survivors' 10 s.
+    assert summary["latency_mean_estimated"]
+    assert summary["latency_mean_measured_s"] == pytest.approx(10.0)
+    assert summary["latency_mean_s"] == pytest.approx(90.0)
+
+
+def test_failed_requests_are_reported_not_counted_as_served() -> None:
+    records = [completed(0.0, 1.0, 2.0, 3), RequestRecord(start=0.0, end=0.1, error="HTTP 429: busy")]
+    summary = summarize(records, users=2, window_s=10.0)
+    assert summary["requests_failed"] == 1
+    assert summary["requests_completed"] == 1
+    assert summary["errors"] == ["HTTP 429: busy"]
+
+
+def test_sse_lines_parse_to_payloads() -> None:
+    assert parse_sse_line('data: {"index": 0, "text": "hi", "num_tokens": 1}') == {"index": 0, "text": "hi",
+                                                                                   "num_tokens": 1}  # fmt: skip
+    assert parse_sse_line("data: [DONE]") is None
+    assert parse_sse_line("") is None
+    assert parse_sse_line(": keep-alive") is None
+
+
+def test_workloads_are_seeded_and_within_their_ranges() -> None:
+    first, again, other = (mixed_workload(WORDS, 20, seed) for seed in (1, 1, 2))
+    assert first == again
+    assert first != other
+    assert all(32 <= spec.prompt_tokens <= 256 and 64 <= spec.max_tokens <= 128 for spec in first)
+    assert all(len(spec.prompt.split()) == spec.prompt_tokens for spec in first)
+
+
+def test_shared_prefix_requests_share_their_system_prompt() -> None:
+    specs = shared_prefix_workload(WORDS, 5, seed=0, prefix_len=100)
+    prefixes = {spec.prompt.split("\n")[0] for spec in specs}
+    assert len(prefixes) == 1 and len(prefixes.pop().split()) == 100
+    assert len({spec.prompt for spec in specs}) == 5
+
+
+def test_parallel_sampling_requests_ask_for_n_seeded_samples() -> None:
+    specs = parallel_sampling_workload(WORDS, 3, seed=0, n=4)
+    bodies = [spec.body() for spec in specs]
+    assert all(body["n"] == 4 and body["temperature"] == 1.0 and body["stream"] for body in bodies)
+    assert len({body["seed"] for body in bodies}) == 3
+
+
+def test_request_body_is_the_generate_shape() -> None:
+    body = RequestSpec("hello", 16).body()
+    assert body == {"prompt": "hello", "max_tokens": 16, "ignore_eos": True, "stream": True, "temperature": 0.0}
+
+
+def test_word_vocabulary_gives_one_token_per_word(default_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
+    words = word_vocabulary(tokenizer)
+    spec = mixed_workload(words, 1, seed=3)[0]
+    num_tokens = len(tokenizer(spec.prompt).input_ids)
+    assert abs(num_tokens - spec.prompt_tokens) <= 1
