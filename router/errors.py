@@ -62,7 +62,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def from_validation_error(error: ValidationError, field_prefix: str = "") -> APIError:
     """The first pydantic error as a 400 naming the offending field (`messages.0.role`, `temperature`, ...)."""
-    first = error.errors(include_url=False)[0]
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    # A union field reports one error per member; the deepest one is from the member the input matched in shape (a
+    # list of content parts with a bad part: that part, not "should be a valid string").
+    first = max((e for e in errors if e["loc"][:1] == first["loc"][:1]), key=lambda e: len(e["loc"]))
     location = ".".join(str(part) for part in first["loc"] if part not in ("body",))
     # Union members add their type names to the location (`prompt.str`, `prompt.list[int]`): keep the field path.
     location = ".".join(part for part in location.split(".") if "[" not in part and part not in _TYPE_NAMES)

@@ -2,6 +2,8 @@
 
 - `tiny_app`: two replicas of the tiny seeded Llama, no API key, small queues (for backpressure).
 - `default_app`: one replica of the default model, with an API key.
+- `stress_app`: two fault-injecting replicas of the tiny Llama and a small ingress cap, for load, disconnect and
+  fault tests (a replica may be killed there without disturbing the other apps).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-0123456789"
 TINY_MAX_NUM_SEQS = 4
 TINY_MAX_QUEUED = 4
+STRESS_MAX_NUM_SEQS = 16
+STRESS_MAX_QUEUED = 32
+STRESS_MAX_CONCURRENT = 64  # the ingress's cap: beyond it, 503 before Serve's own queue
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -68,6 +73,9 @@ def serve_port() -> Iterator[int]:
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE",
                                   "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}},
+        # Prometheus endpoint for tests/serve/test_metrics.py; workers report to it every second (default 10 s).
+        _metrics_export_port=_free_port(),
+        _system_config={"metrics_report_interval_ms": 1000},
     )  # fmt: skip
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -76,6 +84,14 @@ def serve_port() -> Iterator[int]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_export_port(serve_port: int) -> int:
+    """The session Ray's Prometheus endpoint: http://127.0.0.1:PORT/metrics."""
+    import ray
+
+    return int(ray.nodes()[0]["MetricsExportPort"])
 
 
 @pytest.fixture(scope="session")
@@ -102,15 +118,39 @@ def served_apps(serve_port: int, tiny_llama_dir: Path, default_model_dir: Path) 
         "engine": {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 1024, "num_threads": 1},
         "ingress": {"api_key": API_KEY},
     })  # fmt: skip
+    stress = _stress_app(tiny_llama_dir)
     serve.run_many([
         serve.RunTarget(target=tiny, name="tiny", route_prefix="/tiny"),
         serve.RunTarget(target=default, name="default", route_prefix="/default"),
+        serve.RunTarget(target=stress, name="stress", route_prefix="/stress"),
     ])  # fmt: skip
     base = f"http://127.0.0.1:{serve_port}"
     return {
         "tiny": ServedApp("tiny", f"{base}/tiny", "tiny"),
         "default": ServedApp("default", f"{base}/default", default_model_dir.name, API_KEY),
+        "stress": ServedApp("stress", f"{base}/stress", "stress"),
     }
+
+
+def _stress_app(tiny_llama_dir: Path) -> Any:
+    """The production app, with `tests.serve.fault_injection`'s replica in place of `LLMReplica`."""
+    from unittest import mock
+
+    import router.app
+    from tests.serve.fault_injection import FaultInjectingReplica
+
+    with mock.patch.object(router.app, "LLMReplica", FaultInjectingReplica):
+        return router.app.build_app({
+            "model": str(tiny_llama_dir),
+            "served_model_name": "stress",
+            "num_replicas": 2,
+            "replica_num_cpus": 0.25,
+            "ingress_num_cpus": 0.25,
+            "engine": {"kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": STRESS_MAX_NUM_SEQS, "num_threads": 1},
+            "max_queued_requests": STRESS_MAX_QUEUED,
+            "routing_stats_period_s": 0.5,
+            "ingress": {"max_concurrent_requests": STRESS_MAX_CONCURRENT},
+        })  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -121,6 +161,11 @@ def tiny_app(served_apps: dict[str, ServedApp]) -> ServedApp:
 @pytest.fixture(scope="session")
 def default_app(served_apps: dict[str, ServedApp]) -> ServedApp:
     return served_apps["default"]
+
+
+@pytest.fixture(scope="session")
+def stress_app(served_apps: dict[str, ServedApp]) -> ServedApp:
+    return served_apps["stress"]
 
 
 def replica_stats(app_name: str) -> dict[str, dict[str, Any]]:
