@@ -66,7 +66,7 @@ class RenderedFile:
 RENDERED_FILES = (
     RenderedFile(Path("k8s/base/serve-config.gpu.yaml"), GPU_CONFIG, render_gpu_serve_config),
     RenderedFile(Path("k8s/overlays/cpu/serve-config.cpu.yaml"), CPU_CONFIG, render_cpu_serve_config),
-    # TODO(dashboard): RenderedFile(Path("k8s/base/grafana/paged-serve.json"), DASHBOARD, render_dashboard),
+    RenderedFile(Path("k8s/base/grafana/paged-serve.json"), DASHBOARD, render_dashboard),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -51,7 +52,7 @@ def pyproject_ray_version() -> str:
 
 def test_builds_the_rayservice_and_its_monitoring(build: Build) -> None:
     kinds = sorted(obj["kind"] for obj in build.objects)
-    assert kinds == ["PodMonitor", "RayService"]
+    assert kinds == ["ConfigMap", "PodMonitor", "RayService"]  # the serveConfigV2 carrier is local-config: not applied
     assert build.rayservice["apiVersion"] == "ray.io/v1"
     assert build.one("PodMonitor")["apiVersion"] == "monitoring.coreos.com/v1"
 
@@ -191,3 +192,13 @@ def test_kustomization_files_reference_only_files_inside_k8s(variant: str) -> No
         for entry in generator.get("files", []):
             path = (directory / entry.split("=")[-1]).resolve()
             assert path.is_relative_to(REPO_ROOT / "k8s") and path.exists(), entry
+
+
+def test_grafana_dashboard_is_a_configmap_for_grafanas_sidecar(build: Build) -> None:
+    configmap = build.one("ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (text,) = configmap["data"].values()
+    assert text == (REPO_ROOT / kuberay.DASHBOARD).read_text()
+    assert json.loads(text)["uid"] == "paged-serve"
+    # `kubectl apply` (client side) copies the object into an annotation, which Kubernetes caps at 256 KiB.
+    assert len(json.dumps(configmap)) < 256 * 1024

@@ -44,6 +44,10 @@ def test_serve_service_is_a_valid_kubernetes_service(build: Build) -> None:
     validate_strictly({"apiVersion": "v1", "kind": "Service", **service})
 
 
+def test_dashboard_configmap_is_a_valid_kubernetes_configmap(build: Build) -> None:
+    validate_strictly(build.one("ConfigMap"))
+
+
 def test_pod_template_validation_is_strict() -> None:
     template = {"spec": {"containers": [{"name": "ray-worker", "image": "paged-serve", "imagePullPolicyy": "Always"}]}}
     with pytest.raises(kubernetes_validate.ValidationError):
