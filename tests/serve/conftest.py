@@ -28,7 +28,7 @@ API_KEY = "test-key-0123456789"
 TINY_MAX_NUM_SEQS = 4
 TINY_MAX_QUEUED = 4
 STRESS_MAX_NUM_SEQS = 16
-STRESS_MAX_QUEUED = 32
+STRESS_MAX_QUEUED = 16  # slots + queue (48) < the ingress cap: a burst meets both 429 and 503
 STRESS_MAX_CONCURRENT = 64  # the ingress's cap: beyond it, 503 before Serve's own queue
 
 

@@ -1,5 +1,5 @@
 """Hostile and malformed input, beyond test_bad_requests.py's table: every case gets a 4xx with an OpenAI error body
-that names the problem, and the server answers normally afterwards. Together the two tables try 70 bad requests."""
+that names the problem, and the server answers normally afterwards. Together the two tables try 77 bad requests."""
 
 from __future__ import annotations
 
