@@ -1,0 +1,653 @@
+"""The seed's comparison, measured over HTTP: naive Flask, static batching, and this system through Ray Serve with
+contiguous KV reservation, paged KV, and paged KV with prefix caching.
+
+    python -m bench.serving [--quick] [--price-per-hour 0.10] [--systems naive,static,paged,...]
+
+Starts and stops every server itself on 127.0.0.1 (the baselines as subprocesses; this system with `serve run` of
+deploy/config.yaml's application, once per variant, on a Ray head of its own), drives each with closed-loop users
+(bench/loadgen.py: streamed `/generate` requests back to back, seeded workloads), and writes JSON, a Markdown
+table and PNG plots to bench/results/ (`serving.*`, or `serving_quick.*` with --quick).
+
+Workloads: `mixed` (prompts of 32-256 tokens, 64-128 output tokens, greedy, EOS ignored) at every concurrency
+level for every system; `shared_prefix` (a 512-token system prompt + 16-64-token questions) on paged KV with
+prefix caching off and on; `parallel_sampling` (n=4, temperature 1) on paged and contiguous KV. --quick uses
+16-32 output tokens, fewer levels and shorter windows (a smoke run, not the comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from bench.loadgen import (
+    LevelResult,
+    RequestSpec,
+    mixed_workload,
+    parallel_sampling_workload,
+    request_cycle,
+    run_level,
+    shared_prefix_workload,
+    word_vocabulary,
+)
+from bench.offline import flops_per_token, measure_gemm_peak
+from bench.servers import BaselineServer, ServeCluster
+from replicas.default_model import DEFAULT_MODEL_DIR
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GiB = 1024**3
+RSS_OVERHEAD_BYTES = int(1.5 * GiB)  # the issue's allowance on top of weights + KV budget
+
+LABELS = {
+    "naive": "naive (Flask + HF pipeline, one request at a time)",
+    "static": "static batching (8 requests, 100 ms window, padded)",
+    "contiguous": "continuous batching, contiguous KV (max_model_len reserved)",
+    "paged": "continuous batching, paged KV",
+    "paged-prefix": "continuous batching, paged KV + prefix caching",
+}
+SERVE_VARIANTS = ("paged", "paged-prefix", "contiguous")
+ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
+    # NOTE: max_model_len 2048 for all (the model allows 8192): prompts here stay under 600 tokens, and with the
+    # model's full context the contiguous mode could reserve only 2 sequences in 1 GiB; 2048 is kind to it.
+    "paged": {"enable_prefix_caching": False},
+    "paged-prefix": {"enable_prefix_caching": True},
+    "contiguous": {"kv_allocation": "contiguous", "enable_prefix_caching": False},
+}
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    levels: tuple[int, ...]
+    duration_s: float
+    drain_s: float  # this system: long enough for the requests in flight at the end of a level to finish
+    baseline_drain_s: float  # the baselines' queues never drain (one request or batch at a time): cut them off
+    output_len: tuple[int, int]
+    shared_users: int
+    parallel_users: int
+    latency_bound_s: float
+    headline_users: int  # throughput is compared here
+    latency_users: int  # average / p99 latency and TTFT are compared here
+
+
+FULL = Mode("full", (1, 8, 32, 50, 64, 128), 30.0, 60.0, 10.0, (64, 128), 32, 16, 60.0, 64, 50)
+QUICK = Mode("quick", (8,), 8.0, 20.0, 4.0, (16, 32), 8, 4, 15.0, 8, 8)
+
+
+@dataclass
+class Plan:
+    mode: Mode
+    systems: list[str]
+    model: Path
+    threads: int
+    price_per_hour: float
+    seed: int
+    output_dir: Path
+    workloads: dict[str, list[RequestSpec]] = field(default_factory=dict)
+
+
+# --- measurement ----------------------------------------------------------------------------------------------
+
+
+class KVSampler:
+    """Polls a Serve replica's stats every `period_s` on a thread: KV usage and slot efficiency over time."""
+
+    def __init__(self, cluster: ServeCluster, variant: str, period_s: float = 0.5) -> None:
+        self.cluster, self.variant, self.period_s = cluster, variant, period_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> KVSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                stats = self.cluster.replica_stats(self.variant)
+            except Exception:  # noqa: BLE001 — a missed sample is fine
+                stats = None
+            if stats is not None:
+                total = stats["num_total_blocks"] or 1
+                allocated = stats["kv_slots_allocated"]
+                self.samples.append({
+                    "t": time.time(),
+                    "kv_usage": 1 - stats["num_free_blocks"] / total,
+                    "kv_memory_efficiency": stats["kv_slots_live"] / allocated if allocated else None,
+                    "num_running": stats["num_running"],
+                    "num_waiting": stats["num_waiting"],
+                })  # fmt: skip
+            self._stop.wait(self.period_s)
+
+
+def kv_summary(samples: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
+    """KV statistics of the samples taken in [start, end] while sequences were running."""
+    busy = [s for s in samples if start <= s["t"] <= end and s["num_running"] > 0]
+    efficiency = [s["kv_memory_efficiency"] for s in busy if s["kv_memory_efficiency"] is not None]
+    return {
+        "kv_memory_efficiency": statistics.mean(efficiency) if efficiency else None,
+        "kv_usage_mean": statistics.mean(s["kv_usage"] for s in busy) if busy else None,
+        "kv_usage_peak": max((s["kv_usage"] for s in busy), default=None),
+        "max_running": max((s["num_running"] for s in busy), default=0),
+    }
+
+
+def level_record(result: LevelResult, flops_per_tok: float, peak_flops: float, price_per_hour: float) -> dict:
+    """The load generator's summary plus compute utilization, cost and the latencies for the CDF plot."""
+    summary = result.summary()
+    end = summary["elapsed_s"]
+    prompt_started = sum(r.prompt_tokens for r in result.records if r.first_token is not None and r.first_token <= end)
+    achieved = (prompt_started + summary["output_tokens"]) * flops_per_tok / end if end > 0 else 0.0
+    tok_s = summary["tok_per_s"]
+    summary.update({
+        "achieved_gflops": achieved / 1e9,
+        "compute_utilization": achieved / peak_flops,
+        "cost_per_1m_tokens": price_per_hour / (tok_s * 3600) * 1e6 if tok_s > 0 else math.inf,
+        "started_at": result.started_at,
+        "window_s": result.duration_s + result.drain_s,
+        "latencies_s": sorted(r.latency for r in result.records if r.completed),
+        "num_started": len(result.records),
+    })  # fmt: skip
+    return summary
+
+
+def run_workload(system: str, url: str, workload_name: str, workload: list[RequestSpec], levels: tuple[int, ...],
+                 plan: Plan, costs: tuple[float, float], drain_s: float, between: Callable[[], None],
+                 after_level: Callable[[dict, float, float], None] | None = None) -> list[dict]:  # fmt: skip
+    """Every level in turn; `between` clears the server after each (reset, or wait for the replica to drain)."""
+    records = []
+    for users in levels:
+        with tqdm(desc=f"{system:>12} | {workload_name} | {users:>3} users", unit="req", leave=True) as bar:
+            start = time.time()
+            result = asyncio.run(run_level(f"{url}/generate", request_cycle(workload), users, plan.mode.duration_s,
+                                           drain_s, bar))  # fmt: skip
+            end = time.time()
+            record = level_record(result, costs[0], costs[1], plan.price_per_hour)
+            bar.set_postfix_str(f"{record['tok_per_s']:.1f} tok/s, {record['requests_completed']} done, "
+                                f"{record['requests_censored']} censored")  # fmt: skip
+        if after_level is not None:
+            after_level(record, start, end)
+        records.append(record)
+        between()
+    return records
+
+
+def run_baseline(system: str, plan: Plan, costs: tuple[float, float], log_dir: Path) -> dict[str, Any]:
+    module = {"naive": "naive_flask", "static": "static_batching"}[system]
+    server = BaselineServer(module, plan.model, plan.threads, log_dir)
+    print(f"starting the {system} server ...", flush=True)
+    server.start()
+    try:
+
+        def batch_stats(record: dict, start: float, end: float) -> None:
+            if system == "static":
+                record["server_stats"] = server.stats()
+
+        mixed = run_workload(system, server.url, "mixed", plan.workloads["mixed"], plan.mode.levels, plan, costs,
+                             plan.mode.baseline_drain_s, server.reset, batch_stats)  # fmt: skip
+        rss = server.peak_rss()
+    finally:
+        server.stop()
+    return {"mixed": mixed, "peak_rss_bytes": rss, "kv_budget_bytes": 0}
+
+
+def run_serve(systems: list[str], plan: Plan, costs: tuple[float, float], log_dir: Path) -> dict[str, Any]:
+    variants = {v: {**ENGINE_VARIANTS[v], "max_model_len": 2048, "num_threads": plan.threads}
+                for v in SERVE_VARIANTS if v in systems}  # fmt: skip
+    cluster = ServeCluster(variants, plan.model, log_dir)
+    print(f"starting Ray and `serve run` with {', '.join(variants)} ...", flush=True)
+    cluster.start()
+    results: dict[str, Any] = {v: {} for v in variants}
+    timelines: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for variant in variants:
+            results[variant]["kv_budget_bytes"] = _kv_budget(cluster)
+        for variant, workloads in _serve_schedule(variants, plan).items():
+            sampler = KVSampler(cluster, variant)
+            with sampler:
+                for workload_name, levels in workloads:
+                    before: dict[str, Any] = {}
+
+                    def snapshot(record: dict, start: float, end: float, v: str = variant) -> None:
+                        stats = cluster.replica_stats(v)
+                        record.update(kv_summary(sampler.samples, start, end))
+                        record["prefix_cache_hits"] = stats["prefix_cache_hits"] - before.get("hits", 0)
+                        record["prefix_cache_queries"] = stats["prefix_cache_queries"] - before.get("queries", 0)
+                        record["preemptions"] = stats["num_preemptions"] - before.get("preemptions", 0)
+                        before.update(hits=stats["prefix_cache_hits"], queries=stats["prefix_cache_queries"],
+                                      preemptions=stats["num_preemptions"])  # fmt: skip
+
+                    stats = cluster.replica_stats(variant)
+                    before.update(hits=stats["prefix_cache_hits"], queries=stats["prefix_cache_queries"],
+                                  preemptions=stats["num_preemptions"])  # fmt: skip
+                    results[variant][workload_name] = run_workload(
+                        variant, cluster.url(variant), workload_name, plan.workloads[workload_name], levels, plan,
+                        costs, plan.mode.drain_s, lambda v=variant: _wait_idle(cluster, v), snapshot,
+                    )  # fmt: skip
+            timelines[variant] = sampler.samples
+        for name, rss in cluster.peak_rss().items():
+            results[name.split(" ")[0]]["peak_rss_bytes"] = {name: rss}
+    finally:
+        print("stopping Ray ...", flush=True)
+        cluster.stop()
+    return {"systems": results, "kv_timelines": timelines}
+
+
+def _wait_idle(cluster: ServeCluster, variant: str) -> None:
+    try:
+        cluster.wait_idle(variant)
+    except TimeoutError as error:  # measured anyway; the next level starts with leftovers, and the log says so
+        print(f"warning: {error}", flush=True)
+
+
+def _kv_budget(cluster: ServeCluster) -> int:
+    import yaml
+
+    from bench.servers import DEPLOY_CONFIG
+
+    config = yaml.safe_load(DEPLOY_CONFIG.read_text())
+    return int(config["applications"][0]["args"]["engine"].get("kv_cache_memory_bytes", 2 * GiB))
+
+
+def _serve_schedule(variants: dict[str, Any], plan: Plan) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Which workloads run on which variant: the mixed sweep on paged and contiguous KV; shared prefixes with
+    prefix caching off and on; n=4 on paged KV (bench.kv_sharing compares its memory with independent requests)."""
+    mode = plan.mode
+    schedule: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    if "paged" in variants:
+        schedule["paged"] = [("mixed", mode.levels), ("shared_prefix", (mode.shared_users,)),
+                             ("parallel_sampling", (mode.parallel_users,))]  # fmt: skip
+    if "contiguous" in variants:
+        schedule["contiguous"] = [("mixed", mode.levels)]
+    if "paged-prefix" in variants:
+        schedule["paged-prefix"] = [("shared_prefix", (mode.shared_users,))]
+    return schedule
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+
+def at_users(levels: list[dict], users: int) -> dict | None:
+    return next((level for level in levels if level["users"] == users), None)
+
+
+def users_supported(levels: list[dict], bound_s: float) -> int:
+    """The most users of a tested level whose p99 latency stays within the bound (0: none)."""
+    return max((level["users"] for level in levels if level["latency_p99_s"] <= bound_s), default=0)
+
+
+def fmt_latency(level: dict | None, key: str) -> str:
+    if level is None:
+        return "–"
+    value = level[key]
+    if math.isinf(value):
+        return f"> {level['window_s']:.0f} s"
+    if math.isnan(value):
+        return "–"
+    if key == "latency_mean_s" and level.get("latency_mean_estimated"):
+        return f"~{value:.0f} s (est.)"
+    return f"{value:.1f} s" if value < 100 else f"{value:.0f} s"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.1f}×"
+
+
+def build_report(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    mode = Mode(**{**meta["mode"], "levels": tuple(meta["mode"]["levels"]), "output_len": tuple(meta["mode"]["output_len"])})
+    systems = results["systems"]
+    hu, lu = mode.headline_users, mode.latency_users
+    naive = at_users(systems.get("naive", {}).get("mixed", []), hu)
+    naive_lat = at_users(systems.get("naive", {}).get("mixed", []), lu)
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}; {meta['model']}; torch {meta['torch']} fp32, "
+        f"{meta['threads']} threads per server. **No GPU**: compute utilization is achieved model FLOP/s ÷ this "
+        f"CPU's measured fp32 GEMM peak ({meta['gemm_peak_gflops']:.0f} GFLOP/s). Mode `{mode.name}`: each level "
+        f"runs {mode.duration_s:.0f} s of closed-loop users, then up to {mode.drain_s:.0f} s for the requests in "
+        f"flight to finish ({mode.baseline_drain_s:.0f} s for the baselines, whose queues never drain); the rest are "
+        f"cut off and counted as censored: a latency shown as '> N s' is a lower bound, '(est.)' is Little's law, "
+        f"users ÷ completed requests per second. Workload `mixed`: prompts 32-256 tokens, "
+        f"{mode.output_len[0]}-{mode.output_len[1]} output tokens, greedy, EOS ignored. Cost from "
+        f"${meta['price_per_hour']:.2f}/hour.",
+        "",
+        f"| system | users supported (p99 ≤ {mode.latency_bound_s:.0f} s) | req/s @{hu} | tok/s @{hu} | vs naive | "
+        f"avg latency @{lu} | p99 latency @{lu} | TTFT p50 / p99 @{lu} | compute utilization (CPU) @{hu} | "
+        f"KV memory efficiency @{hu} | $ / 1M tokens @{hu} | peak RSS (bound) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("naive", "static", "contiguous", "paged"):
+        if name not in systems or "mixed" not in systems[name]:
+            continue
+        levels = systems[name]["mixed"]
+        head, lat = at_users(levels, hu), at_users(levels, lu)
+        ratio = head["tok_per_s"] / naive["tok_per_s"] if head and naive and naive["tok_per_s"] else None
+        kv = _kv_cell(name, head)
+        rss = _rss_cell(systems[name], meta)
+        ttft = (f"{fmt_latency(lat, 'ttft_p50_s')} / {fmt_latency(lat, 'ttft_p99_s')}"
+                if lat else "–")  # fmt: skip
+        lines.append(
+            f"| {LABELS[name]} | {users_supported(levels, mode.latency_bound_s)} | {head['req_per_s']:.2f} | "
+            f"{head['tok_per_s']:.1f} | {fmt_ratio(ratio)} | {fmt_latency(lat, 'latency_mean_s')} | "
+            f"{fmt_latency(lat, 'latency_p99_s')} | {ttft} | {head['compute_utilization']:.0%} | {kv} | "
+            f"{head['cost_per_1m_tokens']:.2f} | {rss} |"
+        )
+    lines += ["", "Throughput (output tok/s) by concurrency, workload `mixed`:", ""]
+    lines.append("| system | " + " | ".join(f"{u} users" for u in mode.levels) + " |")
+    lines.append("|---|" + "---|" * len(mode.levels))
+    for name in ("naive", "static", "contiguous", "paged"):
+        if name in systems and "mixed" in systems[name]:
+            cells = [f"{at_users(systems[name]['mixed'], u)['tok_per_s']:.1f}" if at_users(systems[name]["mixed"], u)
+                     else "–" for u in mode.levels]  # fmt: skip
+            lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + " |")
+    lines += _workload_tables(systems, mode)
+    lines += ["", "Targets:", "", "| target | achieved | met |", "|---|---|---|"]
+    for target in results["targets"]:
+        lines.append(f"| {target['target']} | {target['achieved']} | {'yes' if target['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _kv_cell(name: str, level: dict | None) -> str:
+    if level is None:
+        return "–"
+    if name == "naive":
+        return "n/a (1 sequence, cache grows per token)"
+    if name == "static":
+        stats = level.get("server_stats") or {}
+        value = stats.get("kv_memory_efficiency")
+        return f"{value:.0%} (padding)" if value is not None else "–"
+    value = level.get("kv_memory_efficiency")
+    return f"{value:.1%}" if value is not None else "–"
+
+
+def _rss_cell(system: dict, meta: dict) -> str:
+    rss = [v for v in system.get("peak_rss_bytes", {}).values() if v]
+    if not rss:
+        return "–"
+    bound = meta["weights_bytes"] + system.get("kv_budget_bytes", 0) + RSS_OVERHEAD_BYTES
+    return f"{max(rss) / GiB:.2f} GiB ({bound / GiB:.2f})"
+
+
+def _workload_tables(systems: dict, mode: Mode) -> list[str]:
+    lines = []
+    rows = [(n, systems[n]["shared_prefix"][0]) for n in ("paged", "paged-prefix")
+            if n in systems and systems[n].get("shared_prefix")]  # fmt: skip
+    if rows:
+        lines += ["", f"Shared 512-token system prompt, {mode.shared_users} users:", "",
+                  "| system | tok/s | req/s | avg latency | TTFT p50 | prefix cache hit rate |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, level in rows:
+            hit = level["prefix_cache_hits"] / level["prefix_cache_queries"] if level.get("prefix_cache_queries") else 0
+            lines.append(f"| {LABELS[name]} | {level['tok_per_s']:.1f} | {level['req_per_s']:.2f} | "
+                         f"{fmt_latency(level, 'latency_mean_s')} | {fmt_latency(level, 'ttft_p50_s')} | "
+                         f"{hit:.0%} |")  # fmt: skip
+    rows = [(n, systems[n]["parallel_sampling"][0]) for n in ("paged", "contiguous")
+            if n in systems and systems[n].get("parallel_sampling")]  # fmt: skip
+    if rows:
+        lines += ["", f"Parallel sampling (n=4, temperature 1), {mode.parallel_users} users:", "",
+                  "| system | tok/s | avg latency | most sequences running | peak KV usage | KV memory efficiency |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for name, level in rows:
+            peak = level.get("kv_usage_peak")
+            efficiency = level.get("kv_memory_efficiency")
+            lines.append(f"| {LABELS[name]} | {level['tok_per_s']:.1f} | {fmt_latency(level, 'latency_mean_s')} | "
+                         f"{level.get('max_running', '–')} | {'–' if peak is None else f'{peak:.0%}'} | "
+                         f"{'–' if efficiency is None else f'{efficiency:.1%}'} |")  # fmt: skip
+    return lines
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    meta, systems = results["meta"], results["systems"]
+    hu, lu = meta["mode"]["headline_users"], meta["mode"]["latency_users"]
+
+    def level(name: str, workload: str, users: int | None = None) -> dict | None:
+        levels = systems.get(name, {}).get(workload, [])
+        return at_users(levels, users) if users is not None else (levels[0] if levels else None)
+
+    targets = []
+
+    def add(target: str, achieved: str, met: bool) -> None:
+        targets.append({"target": target, "achieved": achieved, "met": bool(met)})
+
+    paged, naive, static = level("paged", "mixed", hu), level("naive", "mixed", hu), level("static", "mixed", hu)
+    if paged and naive and naive["tok_per_s"]:
+        ratio = paged["tok_per_s"] / naive["tok_per_s"]
+        add(f"paged ≥ 20× naive tok/s @{hu} users", f"{ratio:.1f}×", ratio >= 20)
+    if paged and static and static["tok_per_s"]:
+        ratio = paged["tok_per_s"] / static["tok_per_s"]
+        add(f"paged ≥ 3× static batching tok/s @{hu} users", f"{ratio:.1f}×", ratio >= 3)
+    paged_lat, naive_lat = level("paged", "mixed", lu), level("naive", "mixed", lu)
+    if paged_lat and naive_lat and math.isfinite(naive_lat["latency_mean_s"]) and naive_lat["latency_mean_s"] > 0:
+        ratio = paged_lat["latency_mean_s"] / naive_lat["latency_mean_s"]
+        add(f"avg latency @{lu} users ≤ 1/10 of naive", f"1/{1 / ratio:.1f}", ratio <= 0.1)
+    contiguous = level("contiguous", "mixed", hu)
+    if paged and paged.get("kv_memory_efficiency") is not None:
+        waste = (f"; contiguous {contiguous['kv_memory_efficiency']:.1%}"
+                 if contiguous and contiguous.get("kv_memory_efficiency") is not None else "")  # fmt: skip
+        add(f"paged KV memory efficiency ≥ 96% @{hu} users, contiguous shows waste",
+            f"{paged['kv_memory_efficiency']:.1%}{waste}", paged["kv_memory_efficiency"] >= 0.96)
+    off, on = level("paged", "shared_prefix"), level("paged-prefix", "shared_prefix")
+    if off and on and off["tok_per_s"]:
+        ratio = on["tok_per_s"] / off["tok_per_s"]
+        add("shared prefix: prefix caching ≥ 2× throughput without", f"{ratio:.1f}×", ratio >= 2)
+    for name in SERVE_VARIANTS:
+        for process, rss in systems.get(name, {}).get("peak_rss_bytes", {}).items():
+            bound = meta["weights_bytes"] + systems[name].get("kv_budget_bytes", 0) + RSS_OVERHEAD_BYTES
+            if rss:
+                add(f"{process} peak RSS ≤ weights + KV budget + 1.5 GiB", f"{rss / GiB:.2f} GiB ≤ {bound / GiB:.2f} GiB",
+                    rss <= bound)  # fmt: skip
+    return targets
+
+
+def plot(results: dict[str, Any], output_dir: Path, suffix: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems, meta = results["systems"], results["meta"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name in ("naive", "static", "contiguous", "paged"):
+        levels = systems.get(name, {}).get("mixed")
+        if levels:
+            ax.plot([lv["users"] for lv in levels], [lv["tok_per_s"] for lv in levels], marker="o", label=LABELS[name])
+    ax.set_xscale("log", base=2)
+    levels = meta["mode"]["levels"]
+    ax.set_xticks(levels, [str(u) for u in levels])
+    ax.set_xlabel("concurrent users (closed loop)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"Throughput vs concurrency ({meta['model']}, CPU, no GPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(output_dir / f"serving{suffix}_throughput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    users = meta["mode"]["latency_users"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name in ("naive", "static", "contiguous", "paged"):
+        level = at_users(systems.get(name, {}).get("mixed", []), users)
+        if level and level["latencies_s"]:
+            xs = level["latencies_s"]
+            ys = [(i + 1) / level["num_started"] for i in range(len(xs))]
+            ax.step(xs, ys, where="post", label=LABELS[name])
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency (s)")
+    ax.set_ylabel("fraction of requests started")
+    ax.set_title(f"Latency CDF at {users} users (curves end below 1: requests cut off at the window's end)",
+                 fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(output_dir / f"serving{suffix}_latency_cdf.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    timelines = results.get("kv_timelines", {})
+    shown = [n for n in ("paged", "contiguous") if timelines.get(n)]
+    if shown:
+        fig, axes = plt.subplots(len(shown), 1, figsize=(8, 2.6 * len(shown)), squeeze=False)
+        for ax, name in zip(axes[:, 0], shown):
+            samples = timelines[name]
+            t0 = samples[0]["t"]
+            ax.plot([s["t"] - t0 for s in samples], [100 * s["kv_usage"] for s in samples], label="KV blocks in use")
+            ax.plot([s["t"] - t0 for s in samples],
+                    [100 * s["kv_memory_efficiency"] if s["kv_memory_efficiency"] is not None else float("nan")
+                     for s in samples], label="live / allocated slots", alpha=0.8)  # fmt: skip
+            for level in systems[name].get("mixed", []):
+                ax.axvline(level["started_at"] - t0, color="grey", lw=0.5)
+                ax.text(level["started_at"] - t0, 102, f"{level['users']}u", fontsize=7)
+            ax.set_ylim(0, 110)
+            ax.set_ylabel("%")
+            ax.set_title(LABELS[name], fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+        axes[-1, 0].set_xlabel("seconds since the variant's first load level")
+        fig.tight_layout()
+        paths.append(output_dir / f"serving{suffix}_kv_usage.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+
+def machine_description() -> str:
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{len(os.sched_getaffinity(0))} vCPUs ({model}), {psutil.virtual_memory().total / GiB:.0f} GiB, no GPU"
+
+
+def main() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--systems", default="naive,static,paged,paged-prefix,contiguous")
+    parser.add_argument("--levels", default=None, help="comma-separated user counts (default: the mode's)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of load per level")
+    parser.add_argument("--drain", type=float, default=None, help="seconds for requests in flight after a level")
+    parser.add_argument("--price-per-hour", type=float, default=0.10,
+                        help="USD per machine-hour for the cost column (default: a 2-vCPU cloud VM)")  # fmt: skip
+    parser.add_argument("--latency-bound", type=float, default=None, help="p99 seconds for 'users supported'")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every server")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+
+    mode = QUICK if args.quick else FULL
+    overrides: dict[str, Any] = {}
+    if args.levels:
+        overrides["levels"] = tuple(int(u) for u in args.levels.split(","))
+    if args.duration is not None:
+        overrides["duration_s"] = args.duration
+    if args.drain is not None:
+        overrides["drain_s"] = args.drain
+    if args.latency_bound is not None:
+        overrides["latency_bound_s"] = args.latency_bound
+    mode = Mode(**{**asdict(mode), **overrides})
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(LABELS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {sorted(LABELS)}")
+    plan = Plan(mode, systems, args.model, args.threads, args.price_per_hour, args.seed, args.output_dir)
+    suffix = "_quick" if args.quick else ""
+    log_dir = args.output_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    words = word_vocabulary(AutoTokenizer.from_pretrained(str(args.model)))
+    plan.workloads = {
+        "mixed": mixed_workload(words, 512, args.seed, output_len=mode.output_len),
+        "shared_prefix": shared_prefix_workload(words, 512, args.seed + 1, output_len=mode.output_len),
+        "parallel_sampling": parallel_sampling_workload(words, 256, args.seed + 2, output_len=mode.output_len),
+    }
+    hf_config = AutoConfig.from_pretrained(str(args.model))
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(hf_config)
+    mixed = plan.workloads["mixed"]
+    context = statistics.mean(s.prompt_tokens + s.max_tokens / 2 for s in mixed)
+    flops_per_tok = flops_per_token(meta_model, hf_config, context)
+    torch.set_num_threads(args.threads)
+    print("measuring this machine's fp32 GEMM peak ...", flush=True)
+    peak = measure_gemm_peak()
+    weights = sum(f.stat().st_size for f in args.model.glob("*.safetensors"))
+    results: dict[str, Any] = {
+        "meta": {
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_description(),
+            "model": args.model.name,
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "gemm_peak_gflops": peak / 1e9,
+            "flops_per_token_gflop": flops_per_tok / 1e9,
+            "weights_bytes": weights,
+            "price_per_hour": args.price_per_hour,
+            "mode": asdict(mode),
+        },
+        "systems": {},
+    }
+    started = time.monotonic()
+    costs = (flops_per_tok, peak)
+    for system in ("naive", "static"):
+        if system in systems:
+            results["systems"][system] = run_baseline(system, plan, costs, log_dir)
+    if any(v in systems for v in SERVE_VARIANTS):
+        serve = run_serve(systems, plan, costs, log_dir)
+        results["systems"].update(serve["systems"])
+        results["kv_timelines"] = serve["kv_timelines"]
+    results["meta"]["wall_s"] = time.monotonic() - started
+    for name, system in results["systems"].items():
+        system["label"] = LABELS[name]
+    results["targets"] = evaluate_targets(results)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    report = build_report(results)
+    (args.output_dir / f"serving{suffix}.md").write_text(report)
+    (args.output_dir / f"serving{suffix}.json").write_text(json.dumps(finite(results), indent=1))
+    paths = plot(results, args.output_dir, suffix)
+    print()
+    print(report)
+    print(f"wrote {args.output_dir / f'serving{suffix}.json'}, serving{suffix}.md and "
+          f"{', '.join(p.name for p in paths)} in {results['meta']['wall_s'] / 60:.1f} min")  # fmt: skip
+
+
+def finite(value: Any) -> Any:
+    """`value` with inf / nan floats as the strings "inf" / "nan", so the JSON file is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
+
+
+if __name__ == "__main__":
+    main()
