@@ -25,6 +25,7 @@ import platform
 import statistics
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -199,9 +200,15 @@ def run_baseline(system: str, plan: Plan, costs: tuple[float, float], log_dir: P
     server.start()
     try:
 
+        previous = {"live_slots": 0, "allocated_slots": 0}
+
         def batch_stats(record: dict, start: float, end: float) -> None:
-            if system == "static":
-                record["server_stats"] = server.stats()
+            if system == "static":  # the padded batches of this level only
+                stats = server.stats()
+                live = stats["live_slots"] - previous["live_slots"]
+                allocated = stats["allocated_slots"] - previous["allocated_slots"]
+                previous.update(live_slots=stats["live_slots"], allocated_slots=stats["allocated_slots"])
+                record["server_stats"] = {**stats, "kv_memory_efficiency": live / allocated if allocated else None}
 
         mixed = run_workload(system, server.url, "mixed", plan.workloads["mixed"], plan.mode.levels, plan, costs,
                              plan.mode.baseline_drain_s, server.reset, batch_stats)  # fmt: skip
@@ -225,25 +232,11 @@ def run_serve(systems: list[str], plan: Plan, costs: tuple[float, float], log_di
         for variant, workloads in _serve_schedule(variants, plan).items():
             sampler = KVSampler(cluster, variant)
             with sampler:
-                for workload_name, levels in workloads:
-                    before: dict[str, Any] = {}
-
-                    def snapshot(record: dict, start: float, end: float, v: str = variant) -> None:
-                        stats = cluster.replica_stats(v)
-                        record.update(kv_summary(sampler.samples, start, end))
-                        record["prefix_cache_hits"] = stats["prefix_cache_hits"] - before.get("hits", 0)
-                        record["prefix_cache_queries"] = stats["prefix_cache_queries"] - before.get("queries", 0)
-                        record["preemptions"] = stats["num_preemptions"] - before.get("preemptions", 0)
-                        before.update(hits=stats["prefix_cache_hits"], queries=stats["prefix_cache_queries"],
-                                      preemptions=stats["num_preemptions"])  # fmt: skip
-
-                    stats = cluster.replica_stats(variant)
-                    before.update(hits=stats["prefix_cache_hits"], queries=stats["prefix_cache_queries"],
-                                  preemptions=stats["num_preemptions"])  # fmt: skip
-                    results[variant][workload_name] = run_workload(
-                        variant, cluster.url(variant), workload_name, plan.workloads[workload_name], levels, plan,
-                        costs, plan.mode.drain_s, lambda v=variant: _wait_idle(cluster, v), snapshot,
-                    )  # fmt: skip
+                try:
+                    _run_variant(cluster, variant, workloads, sampler, results[variant], plan, costs)
+                except Exception as error:  # noqa: BLE001 — the other variants still run
+                    traceback.print_exc()
+                    results[variant]["error"] = f"{type(error).__name__}: {error}"
             timelines[variant] = sampler.samples
         for name, rss in cluster.peak_rss().items():
             results[name.split(" ")[0]]["peak_rss_bytes"] = {name: rss}
@@ -251,6 +244,29 @@ def run_serve(systems: list[str], plan: Plan, costs: tuple[float, float], log_di
         print("stopping Ray ...", flush=True)
         cluster.stop()
     return {"systems": results, "kv_timelines": timelines}
+
+
+def _run_variant(cluster: ServeCluster, variant: str, workloads: list[tuple[str, tuple[int, ...]]],
+                 sampler: KVSampler, results: dict[str, Any], plan: Plan, costs: tuple[float, float]) -> None:  # fmt: skip
+    """The variant's workloads, each record with the KV statistics sampled during its level."""
+    for workload_name, levels in workloads:
+        before = _counters(cluster.replica_stats(variant))
+
+        def snapshot(record: dict, start: float, end: float) -> None:
+            after = _counters(cluster.replica_stats(variant))
+            record.update(kv_summary(sampler.samples, start, end))
+            record.update({key: after[key] - before[key] for key in after})
+            before.update(after)
+
+        results[workload_name] = run_workload(
+            variant, cluster.url(variant), workload_name, plan.workloads[workload_name], levels, plan, costs,
+            plan.mode.drain_s, lambda: _wait_idle(cluster, variant), snapshot,
+        )  # fmt: skip
+
+
+def _counters(stats: dict[str, Any]) -> dict[str, int]:
+    return {"prefix_cache_hits": stats["prefix_cache_hits"], "prefix_cache_queries": stats["prefix_cache_queries"],
+            "preemptions": stats["num_preemptions"]}  # fmt: skip
 
 
 def _wait_idle(cluster: ServeCluster, variant: str) -> None:
@@ -341,6 +357,8 @@ def build_report(results: dict[str, Any]) -> str:
             continue
         levels = systems[name]["mixed"]
         head, lat = at_users(levels, hu), at_users(levels, lu)
+        if head is None:
+            continue
         ratio = head["tok_per_s"] / naive["tok_per_s"] if head and naive and naive["tok_per_s"] else None
         kv = _kv_cell(name, head)
         rss = _rss_cell(systems[name], meta)
@@ -616,13 +634,24 @@ def main() -> None:
     }
     started = time.monotonic()
     costs = (flops_per_tok, peak)
+    # NOTE: a system that fails is reported as failed; the others' measurements are still written.
     for system in ("naive", "static"):
         if system in systems:
-            results["systems"][system] = run_baseline(system, plan, costs, log_dir)
+            try:
+                results["systems"][system] = run_baseline(system, plan, costs, log_dir)
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                results["systems"][system] = {"error": f"{type(error).__name__}: {error}"}
     if any(v in systems for v in SERVE_VARIANTS):
-        serve = run_serve(systems, plan, costs, log_dir)
-        results["systems"].update(serve["systems"])
-        results["kv_timelines"] = serve["kv_timelines"]
+        try:
+            serve = run_serve(systems, plan, costs, log_dir)
+            results["systems"].update(serve["systems"])
+            results["kv_timelines"] = serve["kv_timelines"]
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            for variant in SERVE_VARIANTS:
+                if variant in systems:
+                    results["systems"][variant] = {"error": f"{type(error).__name__}: {error}"}
     results["meta"]["wall_s"] = time.monotonic() - started
     for name, system in results["systems"].items():
         system["label"] = LABELS[name]

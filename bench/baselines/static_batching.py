@@ -70,6 +70,8 @@ class BatchStats:
             "num_batches": self.num_batches,
             "mean_batch_size": self.num_requests / self.num_batches if self.num_batches else 0.0,
             "kv_memory_efficiency": self.live_slots / self.allocated_slots if self.allocated_slots else 1.0,
+            "live_slots": self.live_slots,
+            "allocated_slots": self.allocated_slots,
         }
 
 
