@@ -249,7 +249,7 @@ class ServeCluster:
             pass
         for process in (self.serve, self.head):
             if process is not None:
-                stop_group(process, timeout_s=30)
+                stop_group(process, timeout_s=10)
         # Ray daemons started by the head can outlive its group (they start sessions of their own): end those
         # that belong to this head, found by its private temp dir in their command line.
         marker = str(self.temp_dir)
