@@ -11,7 +11,7 @@ from replicas.async_engine import AsyncEngine, EngineDeadError
 from replicas.config import EngineConfig, EngineConfigError
 from replicas.engine import LLMEngine, PromptTooLongError, RequestError
 from replicas.llm import LLM
-from replicas.outputs import CompletionOutput, EngineStats, RequestOutput
+from replicas.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from replicas.sampling_params import SamplingParams
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "LLMEngine",
     "PromptTooLongError",
     "RequestError",
+    "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
 ]

@@ -14,6 +14,7 @@ from ray import serve
 
 from replicas.async_engine import AsyncEngine
 from replicas.config import EngineConfig
+from replicas.metrics import ReplicaMetrics
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
 
@@ -59,6 +60,7 @@ class LLMReplica:
             "num_total_blocks": llm_engine.block_manager.num_total_blocks,
             "enable_prefix_caching": config.enable_prefix_caching,
         }
+        self.metrics = ReplicaMetrics(self.engine, model=llm_engine.model_name, replica=_replica_id())
         logger.info("replica ready: %s", self._info)
 
     async def generate(
@@ -73,10 +75,17 @@ class LLMReplica:
         Raises `RequestError` for a request the engine refuses and `EngineDeadError` when the engine loop is gone.
         Cancelling the call (a client disconnect) aborts the request and frees its KV blocks.
         """
-        async for output in self.engine.generate(
-            request_id, prompt_token_ids=prompt_token_ids, params=params, output_kind="delta"
-        ):
-            yield output
+        finished = False
+        try:
+            async for output in self.engine.generate(
+                request_id, prompt_token_ids=prompt_token_ids, params=params, output_kind="delta"
+            ):
+                self.metrics.observe(output)
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.metrics.cancelled(request_id)
 
     def model_info(self) -> dict[str, Any]:
         """What the ingress needs to validate requests the way this engine will: model name, context, block size."""
@@ -129,9 +138,20 @@ class LLMReplica:
         return [block_hash.hex() for block_hash in keys[-self.reported_prefix_hashes :]]
 
     def __del__(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.shutdown()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout_s=2.0)
+
+
+def _replica_id() -> str:
+    """Serve's id of this replica (the `replica` tag of its metrics); "local" outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 — constructed outside a Serve replica (unit tests)
+        return "local"
 
 
 def _assigned_cpus() -> int:

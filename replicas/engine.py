@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,7 +16,7 @@ from replicas.block_manager import BlockManager
 from replicas.config import EngineConfig
 from replicas.detokenizer import detokenize_incrementally
 from replicas.model_runner import ModelRunner
-from replicas.outputs import CompletionOutput, EngineStats, RequestOutput
+from replicas.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from replicas.sampler import Sampler
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import Scheduler, SchedulerOutput
@@ -85,6 +86,9 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self.num_steps = 0
         self.num_requests_finished = 0
+        # Tokens computed by each recent step, oldest first: the replica drains it into its tokens-per-step
+        # histogram. NOTE: a deque, so the engine thread can append while another thread pops from the left.
+        self.recent_step_num_tokens: deque[int] = deque(maxlen=4096)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: object) -> "LLMEngine":
@@ -189,6 +193,7 @@ class LLMEngine:
         if scheduled.is_empty:
             return []
         self.num_steps += 1
+        self.recent_step_num_tokens.append(scheduled.num_batched_tokens)
         sampling_items = [item for item in scheduled.scheduled if item.samples]
         try:
             logits = self.model_runner.execute(scheduled)
@@ -324,12 +329,9 @@ class LLMEngine:
             finished=finished,
             num_cached_tokens=first.num_prefix_cached_tokens,
             error=state.error,
-            metrics={
-                "arrival_time": state.arrival_time,
-                "first_scheduled_time": first.first_scheduled_time or 0.0,
-                "first_token_time": first.first_token_time or 0.0,
-                "last_token_time": first.last_token_time or 0.0,
-            },
+            metrics=RequestMetrics(
+                state.arrival_time, first.first_scheduled_time, first.first_token_time, first.last_token_time
+            ),
         )
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from replicas.sequence import TokenLogprobs
 
@@ -23,6 +23,20 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When a request passed each stage (monotonic seconds), as vLLM's `RequestOutput.metrics`; None: not yet.
+
+    Taken from the request's first sequence. The replica turns them into queue time, time to first token,
+    inter-token and end-to-end latency (`replicas/metrics.py`).
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None  # at the end of a request: when its last token was sampled
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -31,7 +45,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     error: str | None = None  # why the request was failed, when the engine failed it
-    metrics: dict[str, float] = field(default_factory=dict)  # arrival, first token, finish (monotonic seconds)
+    metrics: RequestMetrics | None = None
 
 
 @dataclass

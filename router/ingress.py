@@ -21,6 +21,7 @@ from replicas import SamplingParams
 from router import responses
 from router.admission import AdmissionLimit, ConcurrencyLimitMiddleware
 from router.errors import APIError, bad_request, from_validation_error, http_status_error
+from router.metrics import RequestMetricsMiddleware
 from router.openapi_schema import add_request_schemas, json_body
 from router.params import check_unsupported, to_sampling_params
 from router.protocol import (
@@ -43,6 +44,7 @@ app = FastAPI(title="paged-serve", docs_url=None, redoc_url=None, openapi_url=No
 # Requests in flight in this ingress replica; the cap is set from IngressConfig when the replica starts.
 ADMISSION = AdmissionLimit()
 app.add_middleware(ConcurrencyLimitMiddleware, limit=ADMISSION)
+app.add_middleware(RequestMetricsMiddleware)  # outermost: counts every answer, the cap's 503s too (router/metrics.py)
 add_request_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest])
 # Serve's own queue in front of the ingress answers overflow in plain text: keep its slots well above the cap.
 INGRESS_MAX_ONGOING_REQUESTS = 4096

@@ -23,6 +23,8 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from router.metrics import record_routing_decision
+
 
 @dataclass(frozen=True)
 class ReplicaView:
@@ -95,29 +97,39 @@ def rank_replicas(
     2. Otherwise, when every replica has fresh stats: fewest waiting, then most free KV blocks.
     3. Otherwise (stats stale or missing): power of two choices on ongoing requests.
     """
+    return [rank for rank, _ in rank_replicas_with_reasons(replicas, num_request_blocks, policy, rng)]
+
+
+def rank_replicas_with_reasons(
+    replicas: list[ReplicaView],
+    num_request_blocks: int,
+    policy: RoutingPolicy = RoutingPolicy(),
+    rng: random.Random | None = None,
+) -> list[tuple[list[str], str]]:
+    """`rank_replicas`, each rank with the reason it is there: prefix_hit, least_loaded or fallback (metrics)."""
     rng = rng or random.Random()
     if not replicas:
         return []
     shuffled = list(replicas)
     rng.shuffle(shuffled)  # ties go to a random replica, not always the first
-    ranked: list[list[str]] = []
+    ranked: list[tuple[list[str], str]] = []
     best = max(shuffled, key=lambda r: r.prefix_blocks)
     if best.prefix_blocks >= policy.min_match_blocks:
         num_new_blocks = num_request_blocks - best.prefix_blocks + 1
         if not _overloaded_for_affinity(best, replicas, num_new_blocks, policy):
-            ranked.append([best.replica_id])
+            ranked.append(([best.replica_id], "prefix_hit"))
             shuffled.remove(best)
     if not shuffled:
         return ranked
     if all(r.stats is not None for r in shuffled):
         ordered = sorted(shuffled, key=_load_key)
-        not_saturated = [r for r in ordered if not _is_saturated(r)]
-        ranked += [[r.replica_id] for r in not_saturated] + [[r.replica_id] for r in ordered if _is_saturated(r)]
+        ranked += [([r.replica_id], "least_loaded") for r in ordered if not _is_saturated(r)]
+        ranked += [([r.replica_id], "fallback") for r in ordered if _is_saturated(r)]
         return ranked
     # Power of two choices: Serve picks the one of the pair with fewer ongoing requests.
-    ranked.append([r.replica_id for r in shuffled[:2]])
+    ranked.append(([r.replica_id for r in shuffled[:2]], "fallback"))
     if len(shuffled) > 2:
-        ranked.append([r.replica_id for r in shuffled[2:]])
+        ranked.append(([r.replica_id for r in shuffled[2:]], "fallback"))
     return ranked
 
 
@@ -142,6 +154,8 @@ class KVAwareRequestRouter(RequestRouter):
         self._routed_since_report: dict[str, tuple[float, int]] = {}  # replica id -> (report timestamp, count)
         self._reported_hashes: dict[str, tuple[float, frozenset[str]]] = {}  # replica id -> (timestamp, hashes)
         self._rng = random.Random()
+        # request -> {replica id: why it was ranked}, from the latest ranking, until Serve reports the placement
+        self._routing_reasons: OrderedDict[str, dict[str, str]] = OrderedDict()
 
     async def choose_replicas(
         self,
@@ -156,11 +170,20 @@ class KVAwareRequestRouter(RequestRouter):
         now = time.time()
         views = [self._view(replica, request_hashes, now) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        ranks = rank_replicas(views, len(request_hashes), self._policy, self._rng)
-        return [[by_id[replica_id] for replica_id in rank] for rank in ranks]
+        ranks = rank_replicas_with_reasons(views, len(request_hashes), self._policy, self._rng)
+        if pending_request is not None:  # why each replica was offered, counted once Serve has placed the request
+            self._routing_reasons[_request_key(pending_request)] = {
+                replica_id: reason for rank, reason in ranks for replica_id in rank
+            }
+            while len(self._routing_reasons) > self._max_recent_routes:  # requests never placed (refused, cancelled)
+                self._routing_reasons.popitem(last=False)
+        return [[by_id[replica_id] for replica_id in rank] for rank, _ in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         unique_id = replica_id.unique_id
+        reasons = self._routing_reasons.pop(_request_key(pending_request), {})
+        deployment_id = getattr(self, "_deployment_id", None)  # set by Serve's constructor
+        record_routing_decision(reasons.get(unique_id, "fallback"), getattr(deployment_id, "app_name", ""))
         now = time.time()
         recent = self._recent_routes.setdefault(unique_id, OrderedDict())
         for block_hash in _request_hashes(pending_request):
@@ -208,6 +231,12 @@ class KVAwareRequestRouter(RequestRouter):
             prefix_blocks=matched_blocks(request_hashes, reported, recent) if request_hashes else 0,
             routed_since_report=routed_since,
         )
+
+
+def _request_key(pending_request: PendingRequest) -> str:
+    """Serve's id of this call (unique per call: see `router.streaming.own_request_id`)."""
+    metadata = getattr(pending_request, "metadata", None)
+    return getattr(metadata, "internal_request_id", None) or str(id(pending_request))
 
 
 def _request_hashes(pending_request: PendingRequest | None) -> list[str]:

@@ -1,0 +1,99 @@
+"""Ingress metrics for Prometheus, recorded with `ray.util.metrics` (exported by Ray with its `ray_` prefix).
+
+- `paged_serve_router_requests_total{endpoint, method, status_code, application}`: every HTTP request the ingress
+  answered, by route template (`/v1/completions`; `unmatched` for unknown paths) and status code. A streamed
+  response counts with the status it started with (an error after the first byte is sent as an SSE event).
+- `paged_serve_router_routing_decisions_total{reason, application}`: where the KV-aware request router sent each
+  engine call, by why: `prefix_hit` (the replica holding the request's longest cached prefix), `least_loaded`
+  (fewest waiting, most free KV blocks, from fresh replica stats) or `fallback` (stale stats: power of two
+  choices; or only saturated replicas were left).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ray.util.metrics import Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+PREFIX = "paged_serve_router_"
+ROUTING_REASONS = ("prefix_hit", "least_loaded", "fallback")
+
+
+@functools.cache
+def http_requests() -> Counter:
+    # Created on first use, in the process that records (the ingress replica), not wherever this module is imported.
+    return Counter(
+        PREFIX + "requests", "HTTP requests answered by the ingress, by endpoint and status code.",
+        tag_keys=("endpoint", "method", "status_code", "application"),
+    )  # fmt: skip
+
+
+@functools.cache
+def routing_decisions() -> Counter:
+    return Counter(
+        PREFIX + "routing_decisions", "Engine calls routed to a replica, by the reason that replica was chosen.",
+        tag_keys=("reason", "application"),
+    )  # fmt: skip
+
+
+def record_routing_decision(reason: str, application: str) -> None:
+    routing_decisions().inc(1, tags={"reason": reason, "application": application})
+
+
+class RequestMetricsMiddleware:
+    """Counts each HTTP request by route and status code once its response starts (or it fails).
+
+    A plain ASGI middleware, not Starlette's `BaseHTTPMiddleware`: that one wraps streaming responses in its own
+    task, which would hide a client's disconnect from the endpoint (and so keep a cancelled request generating).
+    """
+
+    def __init__(self, app: ASGIApp, application: str | None = None) -> None:
+        self.app = app
+        self.application = application
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status_code: int | None = None
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        except BaseException:
+            if status_code is None:
+                status_code = 500  # the outermost error handler answers 500 for what escaped the app
+            raise
+        finally:
+            if status_code is not None:
+                http_requests().inc(1, tags={
+                    "endpoint": _endpoint(scope),
+                    "method": scope.get("method", ""),
+                    "status_code": str(status_code),
+                    "application": self.application or _application(),
+                })  # fmt: skip
+
+
+def _endpoint(scope: Scope) -> str:
+    """The matched route's path template: bounded label values whatever paths clients send."""
+    route: Any = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+@functools.cache
+def _application() -> str:
+    """The Serve application this ingress replica belongs to ("" outside Serve)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 — not in a Serve replica
+        return ""
