@@ -82,21 +82,26 @@ async def stream_until_end(client: httpx.AsyncClient, seed: int, started: asynci
                            expected: int) -> dict:  # fmt: skip
     """One streamed completion, read to its end: `{"finish_reason": ...}` or `{"error": {...}}` (or the status)."""
     body = completion_body(seed, max_tokens=900, stream=True)
+    start = time.monotonic()
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
-            return {"status": response.status_code, "error": json.loads(await response.aread())["error"]}
+            error = json.loads(await response.aread())["error"]
+            return {"status": response.status_code, "error": error, "ended_at": time.monotonic()}
         counter[0] += 1
         if counter[0] == expected:
             started.set()
-        outcome: dict = {"status": 200}
+        outcome: dict = {"status": 200, "chunks": 0}
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line.removeprefix("data: "))
+            outcome["chunks"] += 1
             if "error" in event:
                 outcome["error"] = event["error"]
             elif event["choices"] and event["choices"][0]["finish_reason"]:
                 outcome["finish_reason"] = event["choices"][0]["finish_reason"]
+        outcome["seconds"] = round(time.monotonic() - start, 1)
+        outcome["ended_at"] = time.monotonic()
         return outcome
 
 
@@ -126,6 +131,8 @@ def test_losing_a_worker_under_load(local_cluster: LocalCluster, cluster_apps: C
     # The requests on the lost node end with a clear error, the others finish; none hangs (bounded client).
     failed = [outcome for outcome in outcomes if "error" in outcome]
     finished = [outcome for outcome in outcomes if "error" not in outcome]
+    error_delays = [round(outcome["ended_at"] - removed_at[0], 1) for outcome in failed]
+    print(f"node loss: {len(failed)} streams failed {error_delays} s after the kill; {finished}")
     assert failed and finished, outcomes
     assert all(outcome.get("finish_reason") == "length" for outcome in finished), outcomes
     for outcome in failed:
