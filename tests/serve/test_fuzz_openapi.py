@@ -29,10 +29,27 @@ def _send(case: schemathesis.Case, base_url: str) -> httpx.Response:
     (pulled in by grafana-client through niquests) has replaced urllib3 in the environment."""
     kwargs = case.as_transport_kwargs(base_url=base_url)
     content = kwargs.get("data")
+    if isinstance(kwargs.get("json"), dict):
+        _cap_generation(kwargs["url"], kwargs["json"])
     return httpx.request(
         kwargs["method"], kwargs["url"], headers=kwargs.get("headers"), params=kwargs.get("params"),
         json=kwargs.get("json"), content=content.encode() if isinstance(content, str) else content, timeout=120,
     )  # fmt: skip
+
+
+# The fields that bound a request's generation, by route; the first one is what an absent value defaults from.
+GENERATION_FIELDS = {"/v1/completions": ("max_tokens",), "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+                     "/generate": ("max_tokens",)}  # fmt: skip
+
+
+def _cap_generation(path: str, body: dict) -> None:
+    """At most 8 new tokens per valid request: the fuzzer is after the server's answers, not long generations (an
+    absent `max_tokens` means the rest of the context window). Values of a wrong type or range are left alone."""
+    fields = next((fields for route, fields in GENERATION_FIELDS.items() if path.endswith(route)), ())
+    for position, field in enumerate(fields):
+        value = body.get(field)
+        if (value is None and position == 0) or (type(value) is int and value > 8):
+            body[field] = 8
 
 
 def _fuzz(served: ServedApp, mode: GenerationMode, max_examples: int) -> Counter:
