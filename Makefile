@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL_DIR := models/SmolLM2-135M-Instruct
 export PYTHONPATH := $(CURDIR)
-# Local runs and tests turn Ray's token auth off explicitly; production configs leave it on.
-export RAY_AUTH_MODE ?= disabled
+# Ray's token auth stays on for `make serve` (a new local Ray creates ~/.ray/auth_token if there is none; `ray` and
+# `serve` commands on this machine read it there). The tests turn it off explicitly for their loopback clusters.
+serve: export RAY_AUTH_MODE := token
+test test-all: export RAY_AUTH_MODE := disabled
 # OpenMP spin-waiting makes multi-threaded torch ops 10-100x slower here (see replicas/__init__.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
