@@ -36,9 +36,8 @@ class Outcome:
 
 def assert_openai_error(outcome: Outcome) -> None:
     """A refusal: OpenAI's error shape, and for 429/503 a Retry-After the client can honour."""
-    assert isinstance(outcome.body, dict) and set(outcome.body.get("error", {})) == {"message", "type", "param", "code"}, (
-        outcome
-    )
+    error = outcome.body.get("error", {}) if isinstance(outcome.body, dict) else None
+    assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}, outcome
     if outcome.status in (429, 503):
         assert int(outcome.headers["retry-after"]) >= 1, outcome
 
@@ -58,7 +57,9 @@ async def complete(client: httpx.AsyncClient, prompt: list[int], max_tokens: int
     return Outcome(response.status_code, payload, dict(response.headers))
 
 
-async def stream(client: httpx.AsyncClient, prompt: list[int], max_tokens: int, drop_after: int | None = None) -> Outcome:
+async def stream(
+    client: httpx.AsyncClient, prompt: list[int], max_tokens: int, drop_after: int | None = None
+) -> Outcome:
     """A streaming completion; with `drop_after`, disconnect after that many events (0: right after the headers)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     outcome = Outcome("transport")
@@ -128,7 +129,8 @@ def replica_rss_bytes(app_name: str) -> dict[str, int]:
         return psutil.Process().memory_info().rss
 
     names = list(live_replica_stats(app_name))
-    return {name: ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(rss), timeout=30) for name in names}
+    actors = {name: ray.get_actor(name, namespace="serve") for name in names}
+    return {name: ray.get(actor.__ray_call__.remote(rss), timeout=30) for name, actor in actors.items()}
 
 
 def all_blocks_free(app_name: str, expected_replicas: int) -> bool:

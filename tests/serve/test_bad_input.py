@@ -99,7 +99,8 @@ HOSTILE_REQUESTS = [
 
 
 @pytest.mark.parametrize(("path", "body", "headers", "status", "param", "message"),
-                         [case[1:] for case in HOSTILE_REQUESTS], ids=[case[0] for case in HOSTILE_REQUESTS])  # fmt: skip
+                         [case[1:] for case in HOSTILE_REQUESTS],
+                         ids=[case[0] for case in HOSTILE_REQUESTS])  # fmt: skip
 def test_hostile_request_gets_an_openai_error(
     tiny_app: ServedApp, path: str, body: dict | bytes, headers: dict | None, status: int, param: str | None,
     message: str,

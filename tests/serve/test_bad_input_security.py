@@ -39,7 +39,9 @@ def test_the_route_table_is_what_the_security_tests_expect() -> None:
 @pytest.mark.parametrize(("method", "path"), [r for r in _routes() if r[1] != "/health"])
 def test_every_route_but_health_needs_the_key(default_app: ServedApp, method: str, path: str) -> None:
     url = default_app.base_url + path
-    body = {"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1} if method == "POST" else None
+    body = None
+    if method == "POST":  # one body for every POST route (unknown fields are refused only after the key check)
+        body = {"prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     missing = httpx.request(method, url, json=body, timeout=60)
     wrong = httpx.request(method, url, json=body, headers={"Authorization": f"Bearer {WRONG_KEY}"}, timeout=60)
     for response in (missing, wrong):
@@ -118,8 +120,11 @@ def test_remote_code_in_a_checkpoint_is_never_run(tiny_llama_dir: Path, tmp_path
     from router.tokenization import PromptTokenizer
 
     model_dir = _booby_trapped(tiny_llama_dir, tmp_path / "trapped")
-    for load in (lambda: PromptTokenizer(str(model_dir)),
-                 lambda: LLMEngine.from_kwargs(str(model_dir), kv_cache_memory_bytes=8 * 2**20, num_threads=1)):  # fmt: skip
+    loaders = (
+        lambda: PromptTokenizer(str(model_dir)),
+        lambda: LLMEngine.from_kwargs(str(model_dir), kv_cache_memory_bytes=8 * 2**20, num_threads=1),
+    )
+    for load in loaders:
         try:
             load()
         except Exception:  # noqa: BLE001 — refusing is fine; running the code is not

@@ -38,8 +38,11 @@ def _send(case: schemathesis.Case, base_url: str) -> httpx.Response:
 
 
 # The fields that bound a request's generation, by route; the first one is what an absent value defaults from.
-GENERATION_FIELDS = {"/v1/completions": ("max_tokens",), "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
-                     "/generate": ("max_tokens",)}  # fmt: skip
+GENERATION_FIELDS = {
+    "/v1/completions": ("max_tokens",),
+    "/v1/chat/completions": ("max_tokens", "max_completion_tokens"),
+    "/generate": ("max_tokens",),
+}
 
 
 def _cap_generation(path: str, body: dict) -> None:
