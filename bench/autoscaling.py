@@ -65,6 +65,7 @@ class Sample:
     completed: int  # answered 200 so far
     failed: int  # answered otherwise so far
     replicas: int  # running engine replicas
+    target_replicas: int  # the autoscaler's decision (replicas starting or stopping count toward it)
     replicas_by_node: dict[str, int] = field(default_factory=dict)  # short node id -> running replicas
 
 
@@ -106,15 +107,19 @@ def local_cluster(num_workers: int = 2, worker_cpus: int = 2) -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def running_replicas_by_node(app_name: str) -> dict[str, int]:
+def engine_replicas(app_name: str) -> tuple[dict[str, int], int]:
+    """Running engine replicas per node (short node id), and the autoscaler's target count."""
     from ray.serve.context import _get_global_client
 
     app = _get_global_client().get_serve_details().get("applications", {}).get(app_name)
+    if app is None:
+        return {}, 0
+    deployment = app["deployments"]["LLMReplica"]
     counts: dict[str, int] = {}
-    for replica in app["deployments"]["LLMReplica"]["replicas"] if app else []:
+    for replica in deployment["replicas"]:
         if replica["state"] == "RUNNING":
             counts[replica["node_id"][:8]] = counts.get(replica["node_id"][:8], 0) + 1
-    return counts
+    return counts, deployment["target_num_replicas"]
 
 
 class LoadState:
@@ -172,9 +177,9 @@ def run(model: Path, phases: Phases, seed: int) -> dict[str, Any]:
 
         def sample_loop() -> None:
             while not stop.is_set():
-                by_node = running_replicas_by_node("llm")
+                by_node, target = engine_replicas("llm")
                 samples.append(Sample(round(time.monotonic() - start, 2), state.in_flight, state.completed,
-                                      state.failed, sum(by_node.values()), by_node))  # fmt: skip
+                                      state.failed, sum(by_node.values()), target, by_node))  # fmt: skip
                 print(f"\r{samples[-1].t:6.1f}s  in flight {state.in_flight:3d}  replicas {samples[-1].replicas}"
                       f"  completed {state.completed}", end="", flush=True)  # fmt: skip
                 stop.wait(0.5)
@@ -200,8 +205,10 @@ def summarize(samples: list[Sample], burst_start: float, burst_end: float, phase
         return next((s.t for s in samples if s.t >= after and condition(s)), None)
 
     peak = max(s.replicas for s in samples)
+    first_decision = first_time(lambda s: s.target_replicas > AUTOSCALING["min_replicas"], burst_start)
     first_up = first_time(lambda s: s.replicas > AUTOSCALING["min_replicas"], burst_start)
     at_peak = first_time(lambda s: s.replicas == peak, burst_start)
+    down_decision = first_time(lambda s: s.target_replicas == AUTOSCALING["min_replicas"], burst_end)
     back_down = first_time(lambda s: s.replicas == AUTOSCALING["min_replicas"], burst_end)
     nodes_at_peak = next((s.replicas_by_node for s in samples if s.replicas == peak), {})
     burst_samples = [s for s in samples if burst_start <= s.t <= burst_end]
@@ -212,8 +219,14 @@ def summarize(samples: list[Sample], burst_start: float, burst_end: float, phase
         "burst_end_s": round(burst_end, 2),
         "peak_replicas": peak,
         "replicas_by_node_at_peak": nodes_at_peak,
+        "first_upscale_decision_after_burst_start_s": None if first_decision is None else round(
+            first_decision - burst_start, 1
+        ),
         "first_upscale_after_burst_start_s": None if first_up is None else round(first_up - burst_start, 1),
         "peak_after_burst_start_s": None if at_peak is None else round(at_peak - burst_start, 1),
+        "downscale_decision_after_burst_end_s": None if down_decision is None else round(
+            down_decision - burst_end, 1
+        ),
         "back_to_min_after_burst_end_s": None if back_down is None else round(back_down - burst_end, 1),
         "completed": samples[-1].completed,
         "failed": samples[-1].failed,
@@ -239,6 +252,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
                  label="target_ongoing_requests x replicas")  # fmt: skip
     load_ax.set_ylabel("requests")
     load_ax.legend(loc="upper right")
+    replica_ax.step(t, [s["target_replicas"] for s in timeline], where="post", color="tab:gray", linestyle="--",
+                    label="target (autoscaler decision)")  # fmt: skip
     replica_ax.step(t, [s["replicas"] for s in timeline], where="post", color="tab:orange", label="running replicas")
     for node in sorted({n for s in timeline for n in s["replicas_by_node"]}):
         replica_ax.step(t, [s["replicas_by_node"].get(node, 0) for s in timeline], where="post", alpha=0.6,
