@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 import ray
 
 from tests.serve.conftest import ServedApp, run, wait_until
@@ -48,6 +49,16 @@ def test_an_exception_in_an_engine_step_fails_its_request_and_the_engine_goes_on
 
 
 def test_a_killed_replica_is_restarted_and_its_requests_end_with_a_clear_error(stress_app: ServedApp) -> None:
+    _kill_a_replica_under_load(stress_app)
+
+
+@pytest.mark.slow
+def test_three_kills_in_a_row_are_survived(stress_app: ServedApp) -> None:
+    for _ in range(3):
+        _kill_a_replica_under_load(stress_app)
+
+
+def _kill_a_replica_under_load(stress_app: ServedApp) -> None:
     app_name = stress_app.name
     wait_until(lambda: all_blocks_free(app_name, 2), timeout_s=60)
     names_before = set(live_replica_stats(app_name))
