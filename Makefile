@@ -28,8 +28,12 @@ $(MODEL_DIR)/config.json: | $(VENV)/.installed
 
 setup: $(VENV)/.installed $(MODEL_DIR)/config.json
 
+# Ray's Prometheus endpoint for `make serve` (deploy/prometheus/prometheus.yml scrapes 127.0.0.1:8080).
+METRICS_EXPORT_PORT ?= 8080
+
+# `serve run deploy/config.yaml` on a local Ray started with a fixed metrics port, bound to 127.0.0.1.
 serve: setup
-	$(VENV)/bin/serve run deploy/config.yaml
+	$(PY) -m deploy.serve_local --metrics-export-port $(METRICS_EXPORT_PORT) deploy/config.yaml
 
 demo: setup
 	$(PY) -m replicas.cli --model $(MODEL_DIR) "Once upon a time" "The capital of France is"

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     snapshot = commands.add_parser("snapshot", help="render every panel from live Prometheus data into one PNG")
     snapshot.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus's base URL")
     snapshot.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    snapshot.add_argument("--minutes", type=float, default=15.0, help="time range, ending now")
+    snapshot.add_argument("--minutes", type=float, default=15.0, help="time range, ending at --end")
+    snapshot.add_argument("--end", type=float, default=None, help="unix seconds (default: now)")
     snapshot.add_argument("--rate-interval", default="1m", help="what $__rate_interval becomes")
     snapshot.add_argument("--model", default=".*", help="what $model becomes (a regex)")
     snapshot.add_argument("--dashboard", type=Path, default=DASHBOARD_PATH)
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from deploy.grafana.snapshot import render_snapshot
 
-    drawn = render_snapshot(args.prometheus, args.out, dashboard, args.minutes, args.rate_interval, args.model)
+    drawn = render_snapshot(
+        args.prometheus, args.out, dashboard, args.minutes, args.rate_interval, args.model, end=args.end
+    )
     empty = [title for title, count in drawn.items() if not count]
     print(f"wrote {args.out}: {len(drawn) - len(empty)} of {len(drawn)} panels with data"
           + (f"; no data: {', '.join(empty)}" if empty else ""))  # fmt: skip

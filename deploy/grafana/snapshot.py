@@ -104,7 +104,7 @@ def render_snapshot(
         axis.set_visible(False)
     stamp = datetime.fromtimestamp(end, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     figure.suptitle(f"{dashboard.get('title', 'dashboard')}: last {minutes:g} min to {stamp} (from {prometheus_url})")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=72)
