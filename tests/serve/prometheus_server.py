@@ -34,15 +34,25 @@ def ensure_prometheus() -> str:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("prometheus is not installed (as root: apt-get install -y prometheus)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # NOTE: no systemd runs here: the package's post-install start is refused or fails, and the service is
-    # never used anyway (each test starts its own server on a free port).
-    for command in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-    ):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
-        if result.returncode != 0 and command[1] == "install":
-            raise RuntimeError(f"installing prometheus failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    # NOTE: no systemd runs here. Without a policy-rc.d, the package's post-install script would start the
+    # service through its init script (listening on every interface); deny that for the install. Each test starts
+    # its own server on a free loopback port instead.
+    policy = Path("/usr/sbin/policy-rc.d")
+    own_policy = not policy.exists()
+    if own_policy:
+        policy.write_text("#!/bin/sh\n# written by tests/serve/prometheus_server.py during apt-get install\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        for command in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+        ):
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S)
+            if result.returncode != 0 and command[1] == "install":
+                raise RuntimeError(f"installing prometheus failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    finally:
+        if own_policy:
+            policy.unlink(missing_ok=True)
     binary = shutil.which("prometheus")
     if binary is None:
         raise RuntimeError("apt-get installed prometheus, but the binary is not on PATH")
