@@ -231,8 +231,14 @@ def summarize(records: Sequence[RequestRecord], users: int, window_s: float) -> 
 
 
 async def run_level(url: str, requests: Iterator[RequestSpec], users: int, duration_s: float, drain_s: float,
-                    progress: tqdm | None = None, timeout_s: float = 3600.0) -> LevelResult:  # fmt: skip
-    """`users` concurrent closed-loop users for `duration_s`, then up to `drain_s` for the requests in flight."""
+                    progress: tqdm | None = None, timeout_s: float = 3600.0,
+                    batch_grace_s: float | None = None) -> LevelResult:  # fmt: skip
+    """`users` concurrent closed-loop users for `duration_s`, then up to `drain_s` for the requests in flight.
+
+    `batch_grace_s`: for servers that work through a queue one request or batch at a time, end the drain this long
+    after the first request completes in it (the request or batch that was being served), rather than waiting
+    `drain_s` for a queue that cannot empty.
+    """
     records: list[RequestRecord] = []
     started_at = time.time()
     t0 = time.perf_counter()
@@ -250,17 +256,28 @@ async def run_level(url: str, requests: Iterator[RequestSpec], users: int, durat
                     record.error = f"{type(error).__name__}: {error}"
                 if progress is not None:
                     progress.update()
+                if record.completed and record.end >= duration_s and not drained_at:
+                    drained_at.append(record.end)
                 if record.error is not None:
                     await asyncio.sleep(0.5)  # a refusing server must not spin the loop
 
+        drained_at: list[float] = []  # when the first request completed after `duration_s`
         tasks = [asyncio.create_task(user()) for _ in range(users)]
         await asyncio.sleep(duration_s)
-        done, pending = await asyncio.wait(tasks, timeout=drain_s)
+        deadline = duration_s + drain_s
+        while not all(task.done() for task in tasks):
+            now = time.perf_counter() - t0
+            if batch_grace_s is not None and drained_at:
+                deadline = min(deadline, drained_at[0] + batch_grace_s)
+            if now >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        pending = [task for task in tasks if not task.done()]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            if task.exception() is not None:
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
                 raise task.exception()
     return LevelResult(users, duration_s, drain_s, records, started_at)
 

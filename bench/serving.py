@@ -77,7 +77,7 @@ class Mode:
     levels: tuple[int, ...]
     duration_s: float
     drain_s: float  # this system: long enough for the requests in flight at the end of a level to finish
-    baseline_drain_s: float  # the baselines' queues never drain (one request or batch at a time): cut them off
+    baseline_drain_s: float  # the baselines' queues never drain: only the request or batch being served finishes
     output_len: tuple[int, int]
     shared_users: int
     parallel_users: int
@@ -86,8 +86,8 @@ class Mode:
     latency_users: int  # average / p99 latency and TTFT are compared here
 
 
-FULL = Mode("full", (1, 8, 32, 50, 64, 128), 30.0, 60.0, 10.0, (64, 128), 32, 16, 60.0, 64, 50)
-QUICK = Mode("quick", (8,), 8.0, 20.0, 4.0, (16, 32), 8, 4, 15.0, 8, 8)
+FULL = Mode("full", (1, 8, 32, 50, 64, 128), 30.0, 60.0, 90.0, (64, 128), 32, 16, 60.0, 64, 50)
+QUICK = Mode("quick", (8,), 8.0, 20.0, 30.0, (16, 32), 8, 4, 15.0, 8, 8)
 
 
 @dataclass
@@ -174,14 +174,15 @@ def level_record(result: LevelResult, flops_per_tok: float, peak_flops: float, p
 
 def run_workload(system: str, url: str, workload_name: str, workload: list[RequestSpec], levels: tuple[int, ...],
                  plan: Plan, costs: tuple[float, float], drain_s: float, between: Callable[[], None],
-                 after_level: Callable[[dict, float, float], None] | None = None) -> list[dict]:  # fmt: skip
+                 after_level: Callable[[dict, float, float], None] | None = None,
+                 batch_grace_s: float | None = None) -> list[dict]:  # fmt: skip
     """Every level in turn; `between` clears the server after each (reset, or wait for the replica to drain)."""
     records = []
     for users in levels:
         with tqdm(desc=f"{system:>12} | {workload_name} | {users:>3} users", unit="req", leave=True) as bar:
             start = time.time()
             result = asyncio.run(run_level(f"{url}/generate", request_cycle(workload), users, plan.mode.duration_s,
-                                           drain_s, bar))  # fmt: skip
+                                           drain_s, bar, batch_grace_s=batch_grace_s))  # fmt: skip
             end = time.time()
             record = level_record(result, costs[0], costs[1], plan.price_per_hour)
             bar.set_postfix_str(f"{record['tok_per_s']:.1f} tok/s, {record['requests_completed']} done, "
@@ -211,7 +212,7 @@ def run_baseline(system: str, plan: Plan, costs: tuple[float, float], log_dir: P
                 record["server_stats"] = {**stats, "kv_memory_efficiency": live / allocated if allocated else None}
 
         mixed = run_workload(system, server.url, "mixed", plan.workloads["mixed"], plan.mode.levels, plan, costs,
-                             plan.mode.baseline_drain_s, server.reset, batch_stats)  # fmt: skip
+                             plan.mode.baseline_drain_s, server.reset, batch_stats, batch_grace_s=1.0)  # fmt: skip
         rss = server.peak_rss()
     finally:
         server.stop()
@@ -341,7 +342,8 @@ def build_report(results: dict[str, Any]) -> str:
         f"{meta['threads']} threads per server. **No GPU**: compute utilization is achieved model FLOP/s ÷ this "
         f"CPU's measured fp32 GEMM peak ({meta['gemm_peak_gflops']:.0f} GFLOP/s). Mode `{mode.name}`: each level "
         f"runs {mode.duration_s:.0f} s of closed-loop users, then up to {mode.drain_s:.0f} s for the requests in "
-        f"flight to finish ({mode.baseline_drain_s:.0f} s for the baselines, whose queues never drain); the rest are "
+        f"flight to finish (for the baselines, whose queues never drain, until the request or batch being served "
+        f"completes, at most {mode.baseline_drain_s:.0f} s); the rest are "
         f"cut off and counted as censored: a latency shown as '> N s' is a lower bound, '(est.)' is Little's law, "
         f"users ÷ completed requests per second. Workload `mixed`: prompts 32-256 tokens, "
         f"{mode.output_len[0]}-{mode.output_len[1]} output tokens, greedy, EOS ignored. Cost from "
@@ -579,6 +581,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every server")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--update", action="store_true",
+                        help="re-run only --systems and merge them into the existing results file")  # fmt: skip
     args = parser.parse_args()
 
     mode = QUICK if args.quick else FULL
@@ -653,6 +657,16 @@ def main() -> None:
                 if variant in systems:
                     results["systems"][variant] = {"error": f"{type(error).__name__}: {error}"}
     results["meta"]["wall_s"] = time.monotonic() - started
+    previous_file = args.output_dir / f"serving{suffix}.json"
+    if args.update and previous_file.exists():
+        previous = restore(json.loads(previous_file.read_text()))
+        previous["systems"].update(results["systems"])
+        previous.setdefault("kv_timelines", {}).update(results.get("kv_timelines", {}))
+        if {"naive", "static"} & set(systems):
+            previous["meta"]["mode"]["baseline_drain_s"] = mode.baseline_drain_s
+        previous["meta"].setdefault("reruns", []).append({"systems": systems, "date": results["meta"]["date"],
+                                                          "wall_s": results["meta"]["wall_s"]})  # fmt: skip
+        results = previous
     for name, system in results["systems"].items():
         system["label"] = LABELS[name]
     results["targets"] = evaluate_targets(results)
@@ -665,6 +679,17 @@ def main() -> None:
     print(report)
     print(f"wrote {args.output_dir / f'serving{suffix}.json'}, serving{suffix}.md and "
           f"{', '.join(p.name for p in paths)} in {results['meta']['wall_s'] / 60:.1f} min")  # fmt: skip
+
+
+def restore(value: Any) -> Any:
+    """The inverse of `finite`, for a results file read back."""
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: restore(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [restore(item) for item in value]
+    return value
 
 
 def finite(value: Any) -> Any:
