@@ -83,8 +83,9 @@ def local_cluster(num_workers: int = 2, worker_cpus: int = 2) -> Iterator[str]:
            "TOKENIZERS_PARALLELISM": "false", "RAY_TMPDIR": temp_dir}  # fmt: skip
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster()
     try:
+        cluster.add_node(num_cpus=1, include_dashboard=False)  # the head
         for _ in range(num_workers):
             cluster.add_node(num_cpus=worker_cpus, resources={REPLICA_RESOURCE: 2 * worker_cpus})
         cluster.wait_for_nodes()

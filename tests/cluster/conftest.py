@@ -103,15 +103,9 @@ def local_cluster() -> Iterator[LocalCluster]:
     # loopback cluster address to that IP when connecting (`resolve_ip_for_localhost`), and a GCS bound to
     # 127.0.0.1 is then unreachable. HTTP (the Serve proxy) still binds 127.0.0.1 only.
     os.environ.update(NODE_ENV, RAY_TMPDIR=temp_dir)
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": False,
-            "_system_config": HEAD_SYSTEM_CONFIG,
-        },
-    )
+    cluster = Cluster()
     try:
+        cluster.add_node(num_cpus=1, include_dashboard=False, _system_config=HEAD_SYSTEM_CONFIG)  # the head
         for _ in range(2):
             cluster.add_node(num_cpus=WORKER_CPUS, resources={REPLICA_RESOURCE: WORKER_REPLICA_SLOTS})
         cluster.wait_for_nodes()
