@@ -43,7 +43,7 @@ class FakeGrafana:
         self.state = FakeGrafanaState(token)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> FakeGrafana:
         self._thread.start()
