@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 import traceback
@@ -602,8 +603,8 @@ def main() -> None:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {sorted(LABELS)}")
     plan = Plan(mode, systems, args.model, args.threads, args.price_per_hour, args.seed, args.output_dir)
     suffix = "_quick" if args.quick else ""
-    log_dir = args.output_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-serving-"))  # server logs, Serve config: outside the repo
+    print(f"server logs in {log_dir}", flush=True)
 
     words = word_vocabulary(AutoTokenizer.from_pretrained(str(args.model)))
     plan.workloads = {
