@@ -3,11 +3,14 @@ requests that break it, and not one 5xx. The default run sends a few dozen; `pyt
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import schemathesis
+import torch
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
@@ -15,6 +18,21 @@ from router.ingress import app
 from tests.serve.conftest import ServedApp
 
 SCHEMA = schemathesis.openapi.from_dict(app.openapi())
+
+
+@pytest.fixture(autouse=True)
+def ieee_subnormals() -> Iterator[None]:
+    """Hypothesis refuses to draw floats while subnormals flush to zero, a process-wide CPU flag that an engine run
+    earlier in this process (replicas/model_runner.py, for speed) turned on; off while fuzzing, then restored."""
+    was_flushing = _flushes_subnormals()
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_flush_denormal(was_flushing)
+
+
+def _flushes_subnormals() -> bool:
+    smallest_normal = sys.float_info.min
+    return smallest_normal / 2.0 == 0.0
 
 
 def test_the_schema_documents_every_route_and_its_body() -> None:
