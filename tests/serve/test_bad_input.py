@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.serve.conftest import ServedApp
-from tests.serve.test_bad_requests import BAD_REQUESTS
+from tests.serve.test_bad_requests import BAD_REQUESTS, post_and_expect_error
 
 CHAT = [{"role": "user", "content": "Hi"}]
 JSON = {"content-type": "application/json"}
@@ -105,16 +105,7 @@ def test_hostile_request_gets_an_openai_error(
     tiny_app: ServedApp, path: str, body: dict | bytes, headers: dict | None, status: int, param: str | None,
     message: str,
 ) -> None:  # fmt: skip
-    if isinstance(body, bytes):
-        response = httpx.post(tiny_app.base_url + path, content=body, headers=headers, timeout=60)
-    else:
-        response = httpx.post(tiny_app.base_url + path, json=body, timeout=60)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
-    assert error["param"] == param, error
-    assert message in error["message"], error
+    post_and_expect_error(tiny_app, path, body, headers, status, param, message)
 
 
 def test_the_tables_hold_at_least_thirty_distinct_cases() -> None:

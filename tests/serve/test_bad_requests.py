@@ -56,17 +56,23 @@ BAD_REQUESTS = [
 def test_bad_request_gets_an_openai_error(
     tiny_app: ServedApp, path: str, body: dict | bytes, status: int, param: str | None, message: str
 ) -> None:
+    post_and_expect_error(tiny_app, path, body, {"content-type": "application/json"}, status, param, message)
+
+
+def post_and_expect_error(
+    app: ServedApp, path: str, body: dict | bytes, headers: dict | None, status: int, param: str | None, message: str
+) -> None:
+    """POST `body` (raw bytes with `headers`, or JSON) and check the OpenAI-style refusal: status, type, field, text."""
     if isinstance(body, bytes):
-        response = httpx.post(tiny_app.base_url + path, content=body, timeout=60,
-                              headers={"content-type": "application/json"})  # fmt: skip
+        response = httpx.post(app.base_url + path, content=body, headers=headers, timeout=60)
     else:
-        response = httpx.post(tiny_app.base_url + path, json=body, timeout=60)
+        response = httpx.post(app.base_url + path, json=body, timeout=60)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
-    assert error["param"] == param
-    assert message in error["message"]
+    assert error["param"] == param, error
+    assert message in error["message"], error
 
 
 def test_body_over_the_size_cap_gets_413(tiny_app: ServedApp) -> None:
