@@ -77,5 +77,5 @@ def test_a_burst_scales_replicas_up_and_back_down(cluster_apps: ClusterApps) -> 
     counts = [count for _, count in sampler.samples]
     peak = counts.index(max(counts))
     assert max(counts) >= 2 and counts[-1] == 1, sampler.samples
-    assert 1 in counts[:peak] and 1 in counts[peak:], sampler.samples  # up from one, then down to one
+    assert 1 in counts[:peak], sampler.samples  # up from one (back down to one: counts[-1] above)
     assert max(counts) <= BURST_AUTOSCALING["max_replicas"], sampler.samples

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 APT_TIMEOUT_S = 600
 
@@ -32,7 +31,8 @@ def ensure_prometheus() -> str:
     if binary:
         return binary
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("prometheus is not installed (as root: apt-get install -y prometheus)")
+        raise RuntimeError("prometheus is not installed and this user cannot install it: "
+                           "run `apt-get install -y prometheus` as root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     # NOTE: no systemd runs here. Without a policy-rc.d, the package's post-install script would start the
     # service through its init script (listening on every interface); deny that for the install. Each test starts
