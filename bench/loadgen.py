@@ -1,15 +1,21 @@
 """Closed-loop load generator: N users send `POST /generate` requests back to back and read the answers as SSE.
 
 One request stream per workload (seeded), the same for every system: users take the next request from it when
-their previous one is answered. Each load level runs for `duration_s`; then no new requests start, the ones in
-flight get `drain_s` to finish, and whatever is still open is cancelled (reported as censored, not dropped).
+their previous one is answered. Each load level starts with a warm-up that is not measured (all users start at
+once, so a continuous-batching server first prefills every prompt together, and its requests finish in step
+until their lengths spread them out); it ends after `warmup_s`, or earlier once `warmup_completions` requests
+have completed. Then the measured window of `duration_s` runs with every user still sending; then no new
+requests start, the ones in flight get `drain_s` to finish, and whatever is still open is cancelled (reported as
+censored, not dropped).
 
-Statistics (see `LevelResult.summary`):
-- throughput: tokens delivered up to the last delivery in the level's window, divided by the time to it (for a
-  server that answers in bursts, such as a static batch, the window ends at its last burst, not in the idle tail);
-- latency, TTFT: over completed requests; a censored request counts as longer than any completed one, so a
-  percentile it reaches is reported as a lower bound (`inf`) and the mean falls back to Little's law,
-  users / request rate, which holds for a closed loop without think time;
+Statistics (see `summarize`), over the measured window only:
+- throughput: tokens delivered between the window's first and last delivery, divided by the time between them
+  (a server that answers in bursts, such as a static batch, is measured from burst to burst, not over a partial
+  interval at either end); request rate likewise from completions;
+- latency, TTFT: over the requests that started in the window (they may complete in the drain); a censored
+  request counts as longer than any completed one, so a percentile it reaches is reported as a lower bound
+  (`inf`) and the mean falls back to Little's law, users / request rate, which holds for a closed loop without
+  think time;
 - ``python -m bench.loadgen URL --users 8`` drives any server with this API by hand.
 """
 
@@ -179,9 +185,15 @@ class LevelResult:
     drain_s: float
     records: list[RequestRecord]
     started_at: float = 0.0  # wall clock (time.time()) when the level began
+    warmup_s: float = 0.0  # when the measured window began, in seconds since the level started
+    ended_s: float = 0.0  # when the requests still open were cut off
+
+    @property
+    def window(self) -> tuple[float, float]:
+        return self.warmup_s, self.warmup_s + self.duration_s
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.records, self.users, self.duration_s + self.drain_s)
+        return summarize(self.records, self.users, self.window)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -193,31 +205,44 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def summarize(records: Sequence[RequestRecord], users: int, window_s: float) -> dict[str, Any]:
-    """The level's statistics (see the module docstring for the definitions)."""
-    deliveries = sorted(d for r in records for d in r.deliveries if d[0] <= window_s)
-    end = deliveries[-1][0] if deliveries else 0.0
-    tokens = sum(n for _, n in deliveries)
-    completed = [r for r in records if r.completed]
-    censored = [r for r in records if r.end is None and r.error is None]
-    failed = [r for r in records if r.error is not None]
+def rate_between_first_and_last(events: Sequence[tuple[float, int]], window: tuple[float, float]) -> tuple[float, int, float]:
+    """(span, count, rate) of the `(time, count)` events inside `window`: counts after the first event up to the
+    last, over the time between them (0 rate for fewer than two distinct event times)."""
+    inside = sorted(e for e in events if window[0] <= e[0] <= window[1])
+    if not inside or inside[-1][0] <= inside[0][0]:
+        return 0.0, 0, 0.0
+    first = inside[0][0]
+    span = inside[-1][0] - first
+    count = sum(n for t, n in inside if t > first)
+    return span, count, count / span
+
+
+def summarize(records: Sequence[RequestRecord], users: int, window: tuple[float, float]) -> dict[str, Any]:
+    """The level's statistics over the measured `window` (see the module docstring for the definitions)."""
+    deliveries = [d for r in records for d in r.deliveries]
+    span, tokens, tok_per_s = rate_between_first_and_last(deliveries, window)
+    completions = [(r.end, 1) for r in records if r.completed]
+    _, _, req_per_s = rate_between_first_and_last(completions, window)
+    started = [r for r in records if window[0] <= r.start <= window[1]]
+    completed = [r for r in started if r.completed]
+    censored = [r for r in started if r.end is None and r.error is None]
+    failed = [r for r in started if r.error is not None]
     latencies = [r.latency for r in completed] + [math.inf] * len(censored)
-    ttfts = [r.ttft for r in records if r.ttft is not None] + [
-        math.inf for r in censored if r.ttft is None
-    ]
-    req_per_s = len(completed) / end if end > 0 else 0.0
+    ttfts = [r.ttft for r in started if r.ttft is not None] + [math.inf for r in censored if r.ttft is None]
     measured_mean = sum(r.latency for r in completed) / len(completed) if completed else math.nan
     littles_law = users / req_per_s if req_per_s > 0 else math.inf
     return {
         "users": users,
+        "window_start_s": window[0],
+        "requests_started": len(started),
         "requests_completed": len(completed),
         "requests_censored": len(censored),
         "requests_failed": len(failed),
         "errors": sorted({r.error for r in failed})[:5],
-        "elapsed_s": end,
+        "elapsed_s": span,
         "output_tokens": tokens,
         "prompt_tokens": sum(r.prompt_tokens for r in completed),
-        "tok_per_s": tokens / end if end > 0 else 0.0,
+        "tok_per_s": tok_per_s,
         "req_per_s": req_per_s,
         "latency_mean_s": measured_mean if not censored else littles_law,
         "latency_mean_estimated": bool(censored),
@@ -231,9 +256,10 @@ def summarize(records: Sequence[RequestRecord], users: int, window_s: float) -> 
 
 
 async def run_level(url: str, requests: Iterator[RequestSpec], users: int, duration_s: float, drain_s: float,
-                    progress: tqdm | None = None, timeout_s: float = 3600.0,
-                    batch_grace_s: float | None = None) -> LevelResult:  # fmt: skip
-    """`users` concurrent closed-loop users for `duration_s`, then up to `drain_s` for the requests in flight.
+                    progress: tqdm | None = None, timeout_s: float = 3600.0, batch_grace_s: float | None = None,
+                    warmup_s: float = 0.0, warmup_completions: int | None = None) -> LevelResult:  # fmt: skip
+    """`users` concurrent closed-loop users: a warm-up of up to `warmup_s` (ended early once `warmup_completions`
+    requests have completed), the measured `duration_s`, then up to `drain_s` for the requests in flight.
 
     `batch_grace_s`: for servers that work through a queue one request or batch at a time, end the drain this long
     after the first request completes in it (the request or batch that was being served), rather than waiting
@@ -242,11 +268,13 @@ async def run_level(url: str, requests: Iterator[RequestSpec], users: int, durat
     records: list[RequestRecord] = []
     started_at = time.time()
     t0 = time.perf_counter()
+    stop_at = [math.inf]  # users start no request after this (seconds since t0); set when the warm-up ends
+    drained_at: list[float] = []  # when the first request completed after `stop_at`
     limits = httpx.Limits(max_connections=users + 4, max_keepalive_connections=users + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
 
         async def user() -> None:
-            while time.perf_counter() - t0 < duration_s:
+            while time.perf_counter() - t0 < stop_at[0]:
                 spec = next(requests)
                 record = RequestRecord(start=time.perf_counter() - t0, prompt_tokens=spec.prompt_tokens)
                 records.append(record)
@@ -256,15 +284,24 @@ async def run_level(url: str, requests: Iterator[RequestSpec], users: int, durat
                     record.error = f"{type(error).__name__}: {error}"
                 if progress is not None:
                     progress.update()
-                if record.completed and record.end >= duration_s and not drained_at:
+                if record.completed and record.end >= stop_at[0] and not drained_at:
                     drained_at.append(record.end)
                 if record.error is not None:
                     await asyncio.sleep(0.5)  # a refusing server must not spin the loop
 
-        drained_at: list[float] = []  # when the first request completed after `duration_s`
         tasks = [asyncio.create_task(user()) for _ in range(users)]
+        while True:
+            now = time.perf_counter() - t0
+            num_completed = sum(1 for r in records if r.completed)
+            if now >= warmup_s or (warmup_completions is not None and num_completed >= warmup_completions):
+                break
+            await asyncio.sleep(0.05)
+        measured_from = time.perf_counter() - t0
+        stop_at[0] = measured_from + duration_s
+        if progress is not None:
+            progress.set_postfix_str(f"warm-up done at {measured_from:.0f} s")
         await asyncio.sleep(duration_s)
-        deadline = duration_s + drain_s
+        deadline = stop_at[0] + drain_s
         while not all(task.done() for task in tasks):
             now = time.perf_counter() - t0
             if batch_grace_s is not None and drained_at:
@@ -272,6 +309,7 @@ async def run_level(url: str, requests: Iterator[RequestSpec], users: int, durat
             if now >= deadline:
                 break
             await asyncio.sleep(0.05)
+        ended_s = time.perf_counter() - t0
         pending = [task for task in tasks if not task.done()]
         for task in pending:
             task.cancel()
@@ -279,7 +317,7 @@ async def run_level(url: str, requests: Iterator[RequestSpec], users: int, durat
         for task in tasks:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()
-    return LevelResult(users, duration_s, drain_s, records, started_at)
+    return LevelResult(users, duration_s, drain_s, records, started_at, measured_from, ended_s)
 
 
 def request_cycle(workload: Sequence[RequestSpec]) -> Iterator[RequestSpec]:
@@ -296,6 +334,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--drain", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=0.0, help="seconds of unmeasured load first (at most)")
     parser.add_argument("--workload", choices=("mixed", "shared_prefix", "parallel_sampling"), default="mixed")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="tokenizer for building prompts")
     parser.add_argument("--seed", type=int, default=0)
@@ -306,7 +345,7 @@ def main() -> None:
     workload = build(words, 256, args.seed)
     with tqdm(desc=f"{args.users} users", unit="req") as progress:
         result = asyncio.run(run_level(args.url, request_cycle(workload), args.users, args.duration, args.drain,
-                                       progress))  # fmt: skip
+                                       progress, warmup_s=args.warmup, warmup_completions=args.users))  # fmt: skip
     print(json.dumps(result.summary(), indent=2))
 
 

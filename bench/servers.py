@@ -40,7 +40,10 @@ def free_port() -> int:
 def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled",
-                "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"})  # fmt: skip
+                "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
+                # Ray runs its workers at nice 15 by default; the baselines and the load generator run at 0, so on
+                # a shared 2-core machine the replica would lose the CPU to its own clients. Same footing for all.
+                "RAY_worker_niceness": "0"})  # fmt: skip
     return env
 
 

@@ -85,10 +85,18 @@ class Mode:
     latency_bound_s: float
     headline_users: int  # throughput is compared here
     latency_users: int  # average / p99 latency and TTFT are compared here
+    # This system's warm-up ends once as many requests as users have completed (at most `warmup_s`): by then the
+    # users' requests no longer start and finish in step. The baselines serve one request or batch at a time
+    # from the first second on; their warm-up only leaves the first model call out.
+    warmup_s: float = 60.0
+    baseline_warmup_s: float = 5.0
+    contiguous_levels: tuple[int, ...] = ()  # the contiguous-KV sweep (it serves few sequences; each level is long)
 
 
-FULL = Mode("full", (1, 8, 32, 50, 64, 128), 30.0, 60.0, 90.0, (64, 128), 32, 16, 60.0, 64, 50)
-QUICK = Mode("quick", (8,), 8.0, 20.0, 30.0, (16, 32), 8, 4, 15.0, 8, 8)
+FULL = Mode("full", (1, 8, 32, 50, 64, 128), 30.0, 60.0, 90.0, (64, 128), 32, 16, 60.0, 64, 50,
+            contiguous_levels=(8, 64))  # fmt: skip
+QUICK = Mode("quick", (8,), 8.0, 20.0, 30.0, (16, 32), 8, 4, 15.0, 8, 8, warmup_s=10.0, baseline_warmup_s=2.0,
+             contiguous_levels=(8,))  # fmt: skip
 
 
 @dataclass
@@ -157,16 +165,18 @@ def kv_summary(samples: list[dict[str, Any]], start: float, end: float) -> dict[
 def level_record(result: LevelResult, flops_per_tok: float, peak_flops: float, price_per_hour: float) -> dict:
     """The load generator's summary plus compute utilization, cost and the latencies for the CDF plot."""
     summary = result.summary()
-    end = summary["elapsed_s"]
-    prompt_started = sum(r.prompt_tokens for r in result.records if r.first_token is not None and r.first_token <= end)
-    achieved = (prompt_started + summary["output_tokens"]) * flops_per_tok / end if end > 0 else 0.0
+    start, end = result.window
+    # Prefill work: the prompts whose first token arrived in the window (the prefill finished there).
+    prefilled = sum(r.prompt_tokens for r in result.records if r.first_token is not None and start <= r.first_token <= end)
     tok_s = summary["tok_per_s"]
+    achieved = (prefilled / result.duration_s + tok_s) * flops_per_tok
     summary.update({
         "achieved_gflops": achieved / 1e9,
         "compute_utilization": achieved / peak_flops,
         "cost_per_1m_tokens": price_per_hour / (tok_s * 3600) * 1e6 if tok_s > 0 else math.inf,
         "started_at": result.started_at,
-        "window_s": result.duration_s + result.drain_s,
+        # A request cut off had been followed at least this long: a censored latency is greater than it.
+        "followed_s": max(result.ended_s - result.window[1], 0.0),
         "latencies_s": sorted(r.latency for r in result.records if r.completed),
         "num_started": len(result.records),
     })  # fmt: skip
@@ -176,14 +186,17 @@ def level_record(result: LevelResult, flops_per_tok: float, peak_flops: float, p
 def run_workload(system: str, url: str, workload_name: str, workload: list[RequestSpec], levels: tuple[int, ...],
                  plan: Plan, costs: tuple[float, float], drain_s: float, between: Callable[[], None],
                  after_level: Callable[[dict, float, float], None] | None = None,
-                 batch_grace_s: float | None = None) -> list[dict]:  # fmt: skip
+                 batch_grace_s: float | None = None, baseline: bool = False) -> list[dict]:  # fmt: skip
     """Every level in turn; `between` clears the server after each (reset, or wait for the replica to drain)."""
+    mode = plan.mode
+    warmup = {"warmup_s": mode.baseline_warmup_s} if baseline else {"warmup_s": mode.warmup_s}
     records = []
     for users in levels:
         with tqdm(desc=f"{system:>12} | {workload_name} | {users:>3} users", unit="req", leave=True) as bar:
             start = time.time()
-            result = asyncio.run(run_level(f"{url}/generate", request_cycle(workload), users, plan.mode.duration_s,
-                                           drain_s, bar, batch_grace_s=batch_grace_s))  # fmt: skip
+            result = asyncio.run(run_level(f"{url}/generate", request_cycle(workload), users, mode.duration_s, drain_s,
+                                           bar, batch_grace_s=batch_grace_s, **warmup,
+                                           warmup_completions=None if baseline else users))  # fmt: skip
             end = time.time()
             record = level_record(result, costs[0], costs[1], plan.price_per_hour)
             bar.set_postfix_str(f"{record['tok_per_s']:.1f} tok/s, {record['requests_completed']} done, "
@@ -213,7 +226,8 @@ def run_baseline(system: str, plan: Plan, costs: tuple[float, float], log_dir: P
                 record["server_stats"] = {**stats, "kv_memory_efficiency": live / allocated if allocated else None}
 
         mixed = run_workload(system, server.url, "mixed", plan.workloads["mixed"], plan.mode.levels, plan, costs,
-                             plan.mode.baseline_drain_s, server.reset, batch_stats, batch_grace_s=1.0)  # fmt: skip
+                             plan.mode.baseline_drain_s, server.reset, batch_stats, batch_grace_s=1.0,
+                             baseline=True)  # fmt: skip
         rss = server.peak_rss()
     finally:
         server.stop()
@@ -296,7 +310,7 @@ def _serve_schedule(variants: dict[str, Any], plan: Plan) -> dict[str, list[tupl
         schedule["paged"] = [("mixed", mode.levels), ("shared_prefix", (mode.shared_users,)),
                              ("parallel_sampling", (mode.parallel_users,))]  # fmt: skip
     if "contiguous" in variants:
-        schedule["contiguous"] = [("mixed", mode.levels)]
+        schedule["contiguous"] = [("mixed", mode.contiguous_levels or mode.levels)]
     if "paged-prefix" in variants:
         schedule["paged-prefix"] = [("shared_prefix", (mode.shared_users,))]
     return schedule
@@ -319,7 +333,7 @@ def fmt_latency(level: dict | None, key: str) -> str:
         return "–"
     value = level[key]
     if math.isinf(value):
-        return f"> {level['window_s']:.0f} s"
+        return f"> {level['followed_s']:.0f} s"
     if math.isnan(value):
         return "–"
     if key == "latency_mean_s" and level.get("latency_mean_estimated"):
@@ -342,9 +356,11 @@ def build_report(results: dict[str, Any]) -> str:
         f"Measured {meta['date']} on {meta['machine']}; {meta['model']}; torch {meta['torch']} fp32, "
         f"{meta['threads']} threads per server. **No GPU**: compute utilization is achieved model FLOP/s ÷ this "
         f"CPU's measured fp32 GEMM peak ({meta['gemm_peak_gflops']:.0f} GFLOP/s). Mode `{mode.name}`: each level "
-        f"runs {mode.duration_s:.0f} s of closed-loop users, then up to {mode.drain_s:.0f} s for the requests in "
-        f"flight to finish (for the baselines, whose queues never drain, until the request or batch being served "
-        f"completes, at most {mode.baseline_drain_s:.0f} s); the rest are "
+        f"starts with an unmeasured warm-up (this system: until as many requests as users have completed, at most "
+        f"{mode.warmup_s:.0f} s; the baselines: {mode.baseline_warmup_s:.0f} s), then measures "
+        f"{mode.duration_s:.0f} s of closed-loop users (throughput over that window), then gives the requests "
+        f"started in it up to {mode.drain_s:.0f} s to finish (the baselines, whose queues never drain: until the "
+        f"request or batch being served completes, at most {mode.baseline_drain_s:.0f} s); the rest are "
         f"cut off and counted as censored: a latency shown as '> N s' is a lower bound, '(est.)' is Little's law, "
         f"users ÷ completed requests per second. Workload `mixed`: prompts 32-256 tokens, "
         f"{mode.output_len[0]}-{mode.output_len[1]} output tokens, greedy, EOS ignored. Cost from "
@@ -576,6 +592,7 @@ def main() -> None:
     parser.add_argument("--levels", default=None, help="comma-separated user counts (default: the mode's)")
     parser.add_argument("--duration", type=float, default=None, help="seconds of load per level")
     parser.add_argument("--drain", type=float, default=None, help="seconds for requests in flight after a level")
+    parser.add_argument("--warmup", type=float, default=None, help="most seconds of unmeasured load before a level")
     parser.add_argument("--price-per-hour", type=float, default=0.10,
                         help="USD per machine-hour for the cost column (default: a 2-vCPU cloud VM)")  # fmt: skip
     parser.add_argument("--latency-bound", type=float, default=None, help="p99 seconds for 'users supported'")
@@ -590,10 +607,13 @@ def main() -> None:
     overrides: dict[str, Any] = {}
     if args.levels:
         overrides["levels"] = tuple(int(u) for u in args.levels.split(","))
+        overrides["contiguous_levels"] = ()
     if args.duration is not None:
         overrides["duration_s"] = args.duration
     if args.drain is not None:
         overrides["drain_s"] = args.drain
+    if args.warmup is not None:
+        overrides["warmup_s"] = args.warmup
     if args.latency_bound is not None:
         overrides["latency_bound_s"] = args.latency_bound
     mode = Mode(**{**asdict(mode), **overrides})

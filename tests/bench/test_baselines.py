@@ -142,11 +142,15 @@ def naive_server(naive_app) -> Iterator[str]:
 
 def test_load_generator_drives_a_baseline_end_to_end(naive_server: str) -> None:
     workload = [RequestSpec("Once upon a time", 4, prompt_tokens=4), RequestSpec("Hello there", 3, prompt_tokens=2)]
-    result = asyncio.run(run_level(naive_server, request_cycle(workload), users=2, duration_s=1.0, drain_s=60.0))
+    result = asyncio.run(run_level(naive_server, request_cycle(workload), users=2, duration_s=2.0, drain_s=60.0,
+                                   warmup_s=0.5))  # fmt: skip
     summary = result.summary()
     assert summary["requests_failed"] == 0 and summary["requests_censored"] == 0
     assert summary["requests_completed"] >= 2
-    expected = sum(workload[i % 2].max_tokens for i in range(len(result.records)))
-    assert summary["output_tokens"] == expected
+    assert [r.completion_tokens for r in result.records] == [workload[i % 2].max_tokens
+                                                             for i in range(len(result.records))]  # fmt: skip
+    assert result.window[0] >= 0.5 and any(r.start < result.window[0] for r in result.records)  # warm-up left out
+    in_window = sum(n for r in result.records for t, n in r.deliveries if result.window[0] <= t <= result.window[1])
+    assert 0 < summary["output_tokens"] < in_window  # from the window's first delivery to its last
     assert all(r.first_token is not None and r.first_token <= r.end for r in result.records)
     assert summary["tok_per_s"] > 0 and summary["ttft_p50_s"] <= summary["latency_p50_s"]

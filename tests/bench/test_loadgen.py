@@ -35,30 +35,46 @@ def test_percentile_is_nearest_rank_and_sorts_infinity_last() -> None:
     assert math.isnan(percentile([], 0.5))
 
 
-def test_throughput_counts_tokens_up_to_the_last_delivery_in_the_window() -> None:
-    records = [completed(0.0, 1.0, 4.0, 10), completed(0.0, 2.0, 8.0, 30), completed(4.0, 5.0, 20.0, 50)]
-    summary = summarize(records, users=2, window_s=10.0)
-    # Deliveries inside the 10 s window: 1+9 (request 1), 1+29 (request 2), 1 (request 3 at t=5); the last at t=8.
-    assert summary["elapsed_s"] == 8.0
-    assert summary["output_tokens"] == 41
-    assert summary["tok_per_s"] == pytest.approx(41 / 8.0)
-    assert summary["requests_completed"] == 3
+def test_throughput_is_measured_between_the_first_and_last_delivery_in_the_window() -> None:
+    records = [completed(0.0, 1.0, 4.0, 10), completed(0.0, 2.0, 8.0, 30), completed(4.0, 5.0, 20.0, 50),
+               completed(12.0, 13.0, 14.0, 7)]  # fmt: skip
+    summary = summarize(records, users=2, window=(2.0, 10.0))
+    # Deliveries inside [2, 10]: 1 at t=2 (the first: its tokens came before the span starts), 9 at t=4, 1 at
+    # t=5, 29 at t=8 (the last). Warm-up (t=1) and drain (t=13, 14, 20) deliveries are left out.
+    assert summary["elapsed_s"] == 6.0
+    assert summary["output_tokens"] == 9 + 1 + 29
+    assert summary["tok_per_s"] == pytest.approx(39 / 6.0)
+    # Completions inside the window at t=4 and t=8: one interval, one completion.
+    assert summary["req_per_s"] == pytest.approx(1 / 4.0)
 
 
-def test_latency_statistics_without_censoring_are_measured() -> None:
-    records = [completed(0.0, 0.5, 2.0, 4), completed(0.0, 1.0, 4.0, 4), completed(2.0, 3.0, 6.0, 4)]
-    summary = summarize(records, users=2, window_s=100.0)
-    assert summary["latency_mean_s"] == pytest.approx((2 + 4 + 4) / 3)
+def test_a_bursty_server_is_measured_from_burst_to_burst() -> None:
+    # Batches of 4 answered whole every 10 s, the first at t=3: a 25 s window sees bursts at 3, 13, 23.
+    records = [completed(b * 10.0 - 7, b * 10.0 + 3, b * 10.0 + 3, 1) for b in range(4) for _ in range(4)]
+    for record in records:
+        record.deliveries = [(record.end, 100)]
+    summary = summarize(records, users=4, window=(0.0, 25.0))
+    assert summary["tok_per_s"] == pytest.approx(4 * 100 / 10.0)
+    assert summary["req_per_s"] == pytest.approx(4 / 10.0)
+
+
+def test_latency_statistics_cover_the_requests_started_in_the_window() -> None:
+    records = [completed(0.0, 0.5, 2.0, 4), completed(1.0, 2.0, 5.0, 4), completed(2.0, 3.0, 6.0, 4),
+               completed(12.0, 12.5, 30.0, 4)]  # fmt: skip
+    summary = summarize(records, users=2, window=(1.0, 10.0))
+    # Started in [1, 10]: the second and third (the first is warm-up, the fourth started in the drain).
+    assert summary["requests_started"] == 2 and summary["requests_completed"] == 2
+    assert summary["latency_mean_s"] == pytest.approx((4 + 4) / 2)
     assert not summary["latency_mean_estimated"]
     assert summary["latency_p50_s"] == 4.0
     assert summary["ttft_p50_s"] == 1.0
-    assert summary["req_per_s"] == pytest.approx(3 / 6.0)
+    assert summary["req_per_s"] == pytest.approx(2 / 4.0)  # completions at 2, 5, 6 in the window
 
 
 def test_censored_requests_push_percentiles_to_a_lower_bound_and_the_mean_to_littles_law() -> None:
     records = [completed(0.0, 1.0, 10.0, 5), completed(10.0, 11.0, 20.0, 5)]
     records += [RequestRecord(start=0.0) for _ in range(8)]  # queued behind a one-at-a-time server, cut off
-    summary = summarize(records, users=9, window_s=30.0)
+    summary = summarize(records, users=9, window=(0.0, 30.0))
     assert summary["requests_censored"] == 8
     assert summary["latency_p99_s"] == math.inf
     assert summary["ttft_p99_s"] == math.inf
@@ -70,7 +86,7 @@ def test_censored_requests_push_percentiles_to_a_lower_bound_and_the_mean_to_lit
 
 def test_failed_requests_are_reported_not_counted_as_served() -> None:
     records = [completed(0.0, 1.0, 2.0, 3), RequestRecord(start=0.0, end=0.1, error="HTTP 429: busy")]
-    summary = summarize(records, users=2, window_s=10.0)
+    summary = summarize(records, users=2, window=(0.0, 10.0))
     assert summary["requests_failed"] == 1
     assert summary["requests_completed"] == 1
     assert summary["errors"] == ["HTTP 429: busy"]

@@ -19,7 +19,7 @@ def level(users: int, tok_per_request: int, seconds_per_request: float, censored
                                      end=end, completion_tokens=tok_per_request,
                                      deliveries=[(end, tok_per_request)]))  # fmt: skip
     records += [RequestRecord(start=0.0) for _ in range(censored)]
-    result = LevelResult(users, 30.0, 60.0, records, started_at=1000.0 + users)
+    result = LevelResult(users, 5 * seconds_per_request, 60.0, records, started_at=1000.0 + users)
     record = level_record(result, flops_per_tok=2.7e8, peak_flops=1.6e11, price_per_hour=0.1)
     record.update({"kv_memory_efficiency": 0.97, "kv_usage_peak": 0.5, "max_running": min(users, 64),
                    "prefix_cache_hits": 0, "prefix_cache_queries": 10})  # fmt: skip
