@@ -9,9 +9,10 @@ requests start, the ones in flight get `drain_s` to finish, and whatever is stil
 censored, not dropped).
 
 Statistics (see `summarize`), over the measured window only:
-- throughput: tokens delivered between the window's first and last delivery, divided by the time between them
-  (a server that answers in bursts, such as a static batch, is measured from burst to burst, not over a partial
-  interval at either end); request rate likewise from completions;
+- throughput: tokens delivered from the end of the window's first burst of deliveries to its last delivery,
+  divided by the time between them (a server that answers in bursts, such as a static batch, is measured from
+  burst to burst, not over a partial interval at either end); over the whole window if deliveries never pause;
+  request rate likewise from completions;
 - latency, TTFT: over the requests that started in the window (they may complete in the drain); a censored
   request counts as longer than any completed one, so a percentile it reaches is reported as a lower bound
   (`inf`) and the mean falls back to Little's law, users / request rate, which holds for a closed loop without
@@ -205,24 +206,34 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def rate_between_first_and_last(events: Sequence[tuple[float, int]], window: tuple[float, float]) -> tuple[float, int, float]:
-    """(span, count, rate) of the `(time, count)` events inside `window`: counts after the first event up to the
-    last, over the time between them (0 rate for fewer than two distinct event times)."""
+BURST_GAP_S = 0.25  # events closer than this belong to one burst (a static batch's answers, one engine step)
+
+
+def rate_in_window(events: Sequence[tuple[float, int]], window: tuple[float, float]) -> tuple[float, int, float]:
+    """(span, count, rate) of the `(time, count)` events inside `window`, measured from the end of the first burst
+    to the last event, so that a server answering in bursts is measured burst to burst; when the events never
+    pause (one burst), over the whole window."""
     inside = sorted(e for e in events if window[0] <= e[0] <= window[1])
-    if not inside or inside[-1][0] <= inside[0][0]:
-        return 0.0, 0, 0.0
-    first = inside[0][0]
-    span = inside[-1][0] - first
-    count = sum(n for t, n in inside if t > first)
-    return span, count, count / span
+    anchor = None
+    for previous, event in zip(inside, inside[1:]):
+        if event[0] - previous[0] > BURST_GAP_S:
+            anchor = previous[0]
+            break
+    if anchor is None:
+        span = window[1] - window[0]
+        count = sum(n for _, n in inside)
+    else:
+        span = inside[-1][0] - anchor
+        count = sum(n for t, n in inside if t > anchor)
+    return span, count, count / span if span > 0 else 0.0
 
 
 def summarize(records: Sequence[RequestRecord], users: int, window: tuple[float, float]) -> dict[str, Any]:
     """The level's statistics over the measured `window` (see the module docstring for the definitions)."""
     deliveries = [d for r in records for d in r.deliveries]
-    span, tokens, tok_per_s = rate_between_first_and_last(deliveries, window)
+    span, tokens, tok_per_s = rate_in_window(deliveries, window)
     completions = [(r.end, 1) for r in records if r.completed]
-    _, _, req_per_s = rate_between_first_and_last(completions, window)
+    _, _, req_per_s = rate_in_window(completions, window)
     started = [r for r in records if window[0] <= r.start <= window[1]]
     completed = [r for r in started if r.completed]
     censored = [r for r in started if r.end is None and r.error is None]

@@ -49,13 +49,25 @@ def test_throughput_is_measured_between_the_first_and_last_delivery_in_the_windo
 
 
 def test_a_bursty_server_is_measured_from_burst_to_burst() -> None:
-    # Batches of 4 answered whole every 10 s, the first at t=3: a 25 s window sees bursts at 3, 13, 23.
-    records = [completed(b * 10.0 - 7, b * 10.0 + 3, b * 10.0 + 3, 1) for b in range(4) for _ in range(4)]
-    for record in records:
-        record.deliveries = [(record.end, 100)]
+    # Batches of 4 answered whole every 10 s (the answers a few ms apart), the first at t=3: a 25 s window sees
+    # bursts at 3, 13, 23; the two intervals between them hold two bursts.
+    records = []
+    for batch in range(4):
+        for i in range(4):
+            end = batch * 10.0 + 3 + 0.002 * i
+            records.append(RequestRecord(start=end - 10, first_token=end, end=end, completion_tokens=100,
+                                         deliveries=[(end, 100)]))  # fmt: skip
     summary = summarize(records, users=4, window=(0.0, 25.0))
-    assert summary["tok_per_s"] == pytest.approx(4 * 100 / 10.0)
-    assert summary["req_per_s"] == pytest.approx(4 / 10.0)
+    assert summary["tok_per_s"] == pytest.approx(2 * 4 * 100 / (23.006 - 3.006))
+    assert summary["req_per_s"] == pytest.approx(2 * 4 / (23.006 - 3.006))
+
+
+def test_deliveries_that_never_pause_are_measured_over_the_whole_window() -> None:
+    record = RequestRecord(start=0.0, first_token=0.1, end=20.0, completion_tokens=200,
+                           deliveries=[(0.1 * k, 1) for k in range(1, 201)])  # fmt: skip
+    summary = summarize([record], users=1, window=(5.0, 15.0))
+    assert summary["elapsed_s"] == 10.0
+    assert summary["tok_per_s"] == pytest.approx(101 / 10.0)  # t = 5.0, 5.1, ..., 15.0
 
 
 def test_latency_statistics_cover_the_requests_started_in_the_window() -> None:

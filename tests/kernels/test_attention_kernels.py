@@ -107,6 +107,11 @@ SCENARIOS = {
         seqs=((250, 1), (31, 1), (200, 120), (17, 1)), num_kv_heads=2, group=1, block_size=32
     ),
     "sliding_window": BatchSpec(seqs=((180, 70), (90, 1), (40, 40)), group=4, head_dim=80, sliding_window=24),
+    # Contexts and chunk lengths far apart: the PyTorch backend pads them in several length buckets.
+    "decodes_and_chunks_in_length_buckets": BatchSpec(
+        seqs=((300, 1), (12, 1), (150, 1), (40, 1), (290, 1), (5, 1), (260, 90), (30, 3), (120, 40), (64, 64)),
+        group=2, block_size=8,
+    ),
     "window_wider_than_context": BatchSpec(seqs=((50, 50), (20, 1)), group=2, sliding_window=4096),
 }
 
@@ -189,3 +194,12 @@ def test_load_backend_returns_triton_module(triton_backend) -> None:
     batch = make_batch(BatchSpec(seqs=((12, 12), (5, 1)), group=3, head_dim=64), device=DEVICE)
     out = backend.paged_attention(*batch.attention_args())
     assert relative_error(out, reference_attention(*batch.attention_args())) < FP32_TOLERANCE
+
+
+def test_length_buckets_keep_similar_lengths_together() -> None:
+    members = [10, 11, 12, 13, 14, 15]
+    lengths = [300, 12, 150, 40, 290, 5]
+    buckets = torch_backend._length_buckets(members, lengths)
+    assert sorted(m for b in buckets for m in b) == members
+    assert buckets == [[10, 14], [12], [13], [11, 15]]  # 300 & 290 | 150 | 40 | 12 & 5 (the fourth takes the rest)
+    assert torch_backend._length_buckets([7], [1]) == [[7]]
