@@ -88,7 +88,7 @@ class Mode:
     # This system's warm-up ends once as many requests as users have completed (at most `warmup_s`): by then the
     # users' requests no longer start and finish in step. The baselines serve one request or batch at a time
     # from the first second on; their warm-up only leaves the first model call out.
-    warmup_s: float = 60.0
+    warmup_s: float = 45.0
     baseline_warmup_s: float = 5.0
     contiguous_levels: tuple[int, ...] = ()  # the contiguous-KV sweep (it serves few sequences; each level is long)
 
