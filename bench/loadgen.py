@@ -12,7 +12,8 @@ Statistics (see `summarize`), over the measured window only:
 - throughput: tokens delivered from the end of the window's first burst of deliveries to its last delivery,
   divided by the time between them (a server that answers in bursts, such as a static batch, is measured from
   burst to burst, not over a partial interval at either end); over the whole window if deliveries never pause;
-  request rate likewise from completions;
+  request rate = throughput ÷ the mean tokens of a completed request (a closed loop's first requests finish in
+  waves that a 30-s window of completions would see as bursts);
 - latency, TTFT: over the requests that started in the window (they may complete in the drain); a censored
   request counts as longer than any completed one, so a percentile it reaches is reported as a lower bound
   (`inf`) and the mean falls back to Little's law, users / request rate, which holds for a closed loop without
@@ -28,6 +29,7 @@ import itertools
 import json
 import math
 import random
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -232,8 +234,10 @@ def summarize(records: Sequence[RequestRecord], users: int, window: tuple[float,
     """The level's statistics over the measured `window` (see the module docstring for the definitions)."""
     deliveries = [d for r in records for d in r.deliveries]
     span, tokens, tok_per_s = rate_in_window(deliveries, window)
-    completions = [(r.end, 1) for r in records if r.completed]
-    _, _, req_per_s = rate_in_window(completions, window)
+    # Request rate from the token rate: in a closed loop the users' requests start and finish in waves for a while
+    # (all start at once), which a window of completions sees as bursts; the token stream does not.
+    done = [r.completion_tokens for r in records if r.completed and r.completion_tokens]
+    req_per_s = tok_per_s / statistics.mean(done) if done else 0.0
     started = [r for r in records if window[0] <= r.start <= window[1]]
     completed = [r for r in started if r.completed]
     censored = [r for r in started if r.end is None and r.error is None]

@@ -44,8 +44,8 @@ def test_throughput_is_measured_between_the_first_and_last_delivery_in_the_windo
     assert summary["elapsed_s"] == 6.0
     assert summary["output_tokens"] == 9 + 1 + 29
     assert summary["tok_per_s"] == pytest.approx(39 / 6.0)
-    # Completions inside the window at t=4 and t=8: one interval, one completion.
-    assert summary["req_per_s"] == pytest.approx(1 / 4.0)
+    # Request rate = token rate ÷ the mean tokens of a completed request (10, 30, 50, 7).
+    assert summary["req_per_s"] == pytest.approx((39 / 6.0) / (97 / 4))
 
 
 def test_a_bursty_server_is_measured_from_burst_to_burst() -> None:
@@ -59,7 +59,7 @@ def test_a_bursty_server_is_measured_from_burst_to_burst() -> None:
                                          deliveries=[(end, 100)]))  # fmt: skip
     summary = summarize(records, users=4, window=(0.0, 25.0))
     assert summary["tok_per_s"] == pytest.approx(2 * 4 * 100 / (23.006 - 3.006))
-    assert summary["req_per_s"] == pytest.approx(2 * 4 / (23.006 - 3.006))
+    assert summary["req_per_s"] == pytest.approx(2 * 4 / (23.006 - 3.006))  # 100 tokens per request
 
 
 def test_deliveries_that_never_pause_are_measured_over_the_whole_window() -> None:
@@ -80,7 +80,8 @@ def test_latency_statistics_cover_the_requests_started_in_the_window() -> None:
     assert not summary["latency_mean_estimated"]
     assert summary["latency_p50_s"] == 4.0
     assert summary["ttft_p50_s"] == 1.0
-    assert summary["req_per_s"] == pytest.approx(2 / 4.0)  # completions at 2, 5, 6 in the window
+    # Deliveries after the first burst (t=2): 1 + 3 + 3 tokens by t=6; 4 tokens a request.
+    assert summary["req_per_s"] == pytest.approx((7 / 4.0) / 4)
 
 
 def test_censored_requests_push_percentiles_to_a_lower_bound_and_the_mean_to_littles_law() -> None:
@@ -90,10 +91,11 @@ def test_censored_requests_push_percentiles_to_a_lower_bound_and_the_mean_to_lit
     assert summary["requests_censored"] == 8
     assert summary["latency_p99_s"] == math.inf
     assert summary["ttft_p99_s"] == math.inf
-    # Two requests in 20 s with 9 users in the loop: Little's law gives 9 / 0.1 = 90 s, not the survivors' 10 s.
+    # 9 tokens in the 19 s after the first delivery, 5 tokens a request: 0.095 requests/s with 9 users in the loop;
+    # Little's law gives 9 / 0.095 = 95 s, not the survivors' 10 s.
     assert summary["latency_mean_estimated"]
     assert summary["latency_mean_measured_s"] == pytest.approx(10.0)
-    assert summary["latency_mean_s"] == pytest.approx(90.0)
+    assert summary["latency_mean_s"] == pytest.approx(9 / ((9 / 19) / 5))
 
 
 def test_failed_requests_are_reported_not_counted_as_served() -> None:
