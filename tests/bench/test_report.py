@@ -78,3 +78,15 @@ def test_a_failed_system_is_left_out_of_the_table_not_fatal() -> None:
     results["systems"]["static"] = {"error": "RuntimeError: did not start"}
     results["targets"] = evaluate_targets(results)
     assert "static batching" not in build_report(results).split("Targets:")[0].split("| system |")[1]
+
+
+def test_prompt_tokens_from_the_prefix_cache_are_not_counted_as_compute() -> None:
+    from bench.serving import discount_prefix_hits
+
+    record = {"prefill_tokens_per_s": 100.0, "tok_per_s": 20.0, "prefix_cache_hits": 75, "prefix_cache_queries": 100}
+    discount_prefix_hits(record, flops_per_tok=1e9, peak_flops=1e11)
+    assert record["achieved_gflops"] == 25 + 20  # a quarter of the prompt tokens computed, plus the output
+    assert record["compute_utilization"] == 45e9 / 1e11
+    untouched = {"prefill_tokens_per_s": 100.0, "tok_per_s": 20.0, "prefix_cache_queries": 0, "compute_utilization": 1}
+    discount_prefix_hits(untouched, flops_per_tok=1e9, peak_flops=1e11)
+    assert untouched["compute_utilization"] == 1
