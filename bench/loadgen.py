@@ -9,9 +9,10 @@ requests start, the ones in flight get `drain_s` to finish, and whatever is stil
 censored, not dropped).
 
 Statistics (see `summarize`), over the measured window only:
-- throughput: tokens delivered from the end of the window's first burst of deliveries to its last delivery,
-  divided by the time between them (a server that answers in bursts, such as a static batch, is measured from
-  burst to burst, not over a partial interval at either end); over the whole window if deliveries never pause;
+- throughput: tokens delivered in the window divided by the time from the last delivery before it to the last
+  delivery in it (a server that answers in bursts, such as a static batch, is measured from burst to burst, not
+  over a partial interval at either end); with no delivery before the window, from the end of its first burst;
+  over the whole window if deliveries never pause (a lower bound: one burst cannot be timed);
   request rate = throughput ÷ the mean tokens of a completed request (a closed loop's first requests finish in
   waves that a 30-s window of completions would see as bursts);
 - latency, TTFT: over the requests that started in the window (they may complete in the drain); a censored
@@ -212,10 +213,16 @@ BURST_GAP_S = 0.25  # events closer than this belong to one burst (a static batc
 
 
 def rate_in_window(events: Sequence[tuple[float, int]], window: tuple[float, float]) -> tuple[float, int, float]:
-    """(span, count, rate) of the `(time, count)` events inside `window`, measured from the end of the first burst
-    to the last event, so that a server answering in bursts is measured burst to burst; when the events never
-    pause (one burst), over the whole window."""
+    """(span, count, rate) of the `(time, count)` events inside `window`, timed from the last event before the
+    window (the end of the previous burst) to the last one inside it, so that a server answering in bursts is
+    measured burst to burst. Without an event before the window, from the end of the first burst inside it; when
+    the events never pause (one burst), over the whole window."""
     inside = sorted(e for e in events if window[0] <= e[0] <= window[1])
+    before = [t for t, _ in events if t < window[0]]
+    if before and inside:
+        span = inside[-1][0] - max(before)
+        count = sum(n for _, n in inside)
+        return span, count, count / span if span > 0 else 0.0
     anchor = None
     for previous, event in zip(inside, inside[1:]):
         if event[0] - previous[0] > BURST_GAP_S:

@@ -87,16 +87,15 @@ class Mode:
     latency_users: int  # average / p99 latency and TTFT are compared here
     # This system's warm-up ends once as many requests as users have completed (at most `warmup_s`): by then the
     # users' requests no longer start and finish in step. The baselines serve one request or batch at a time
-    # from the first second on; their warm-up only leaves the first model call out.
+    # from the first second on; their warm-up ends with their first answer, so that the window starts at the end
+    # of a burst (a static batch of 8 takes ~16 s here: a window starting mid-batch may hold one burst only).
     warmup_s: float = 90.0
-    baseline_warmup_s: float = 5.0
     contiguous_levels: tuple[int, ...] = ()  # the contiguous-KV sweep (it serves few sequences; each level is long)
 
 
 FULL = Mode("full", (1, 8, 32, 50, 64, 128), 30.0, 60.0, 90.0, (64, 128), 32, 8, 60.0, 64, 50,
             contiguous_levels=(64,))  # fmt: skip
-QUICK = Mode("quick", (8,), 8.0, 20.0, 30.0, (16, 32), 8, 4, 15.0, 8, 8, warmup_s=10.0, baseline_warmup_s=2.0,
-             contiguous_levels=(8,))  # fmt: skip
+QUICK = Mode("quick", (8,), 8.0, 20.0, 30.0, (16, 32), 8, 4, 15.0, 8, 8, warmup_s=10.0, contiguous_levels=(8,))  # fmt: skip
 
 
 @dataclass
@@ -200,14 +199,13 @@ def run_workload(system: str, url: str, workload_name: str, workload: list[Reque
                  batch_grace_s: float | None = None, baseline: bool = False) -> list[dict]:  # fmt: skip
     """Every level in turn; `between` clears the server after each (reset, or wait for the replica to drain)."""
     mode = plan.mode
-    warmup = {"warmup_s": mode.baseline_warmup_s} if baseline else {"warmup_s": mode.warmup_s}
     records = []
     for users in levels:
         with tqdm(desc=f"{system:>12} | {workload_name} | {users:>3} users", unit="req", leave=True) as bar:
             start = time.time()
             result = asyncio.run(run_level(f"{url}/generate", request_cycle(workload), users, mode.duration_s, drain_s,
-                                           bar, batch_grace_s=batch_grace_s, **warmup,
-                                           warmup_completions=None if baseline else users))  # fmt: skip
+                                           bar, batch_grace_s=batch_grace_s, warmup_s=mode.warmup_s,
+                                           warmup_completions=1 if baseline else users))  # fmt: skip
             end = time.time()
             record = level_record(result, costs[0], costs[1], plan.price_per_hour)
             bar.set_postfix_str(f"{record['tok_per_s']:.1f} tok/s, {record['requests_completed']} done, "
@@ -335,9 +333,11 @@ def at_users(levels: list[dict], users: int) -> dict | None:
     return next((level for level in levels if level["users"] == users), None)
 
 
-def users_supported(levels: list[dict], bound_s: float) -> int:
-    """The most users of a tested level whose p99 latency stays within the bound (0: none)."""
-    return max((level["users"] for level in levels if level["latency_p99_s"] <= bound_s), default=0)
+def users_supported(levels: list[dict], bound_s: float) -> str:
+    """The most users of a tested level whose p99 latency stays within the bound; "< N" when even the fewest
+    tested, N, exceed it."""
+    within = [level["users"] for level in levels if level["latency_p99_s"] <= bound_s]
+    return str(max(within)) if within else f"< {min(level['users'] for level in levels)}"
 
 
 def fmt_latency(level: dict | None, key: str) -> str:
@@ -369,7 +369,7 @@ def build_report(results: dict[str, Any]) -> str:
         f"{meta['threads']} threads per server. **No GPU**: compute utilization is achieved model FLOP/s ÷ this "
         f"CPU's measured fp32 GEMM peak ({meta['gemm_peak_gflops']:.0f} GFLOP/s). Mode `{mode.name}`: each level "
         f"starts with an unmeasured warm-up (this system: until as many requests as users have completed, at most "
-        f"{mode.warmup_s:.0f} s; the baselines: {mode.baseline_warmup_s:.0f} s), then measures "
+        f"{mode.warmup_s:.0f} s; the baselines: until their first answer), then measures "
         f"{mode.duration_s:.0f} s of closed-loop users (throughput over that window), then gives the requests "
         f"started in it up to {mode.drain_s:.0f} s to finish (the baselines, whose queues never drain: until the "
         f"request or batch being served completes, at most {mode.baseline_drain_s:.0f} s); the rest are "

@@ -35,17 +35,17 @@ def test_percentile_is_nearest_rank_and_sorts_infinity_last() -> None:
     assert math.isnan(percentile([], 0.5))
 
 
-def test_throughput_is_measured_between_the_first_and_last_delivery_in_the_window() -> None:
+def test_throughput_is_measured_from_the_last_delivery_before_the_window_to_the_last_in_it() -> None:
     records = [completed(0.0, 1.0, 4.0, 10), completed(0.0, 2.0, 8.0, 30), completed(4.0, 5.0, 20.0, 50),
                completed(12.0, 13.0, 14.0, 7)]  # fmt: skip
     summary = summarize(records, users=2, window=(2.0, 10.0))
-    # Deliveries inside [2, 10]: 1 at t=2 (the first: its tokens came before the span starts), 9 at t=4, 1 at
-    # t=5, 29 at t=8 (the last). Warm-up (t=1) and drain (t=13, 14, 20) deliveries are left out.
-    assert summary["elapsed_s"] == 6.0
-    assert summary["output_tokens"] == 9 + 1 + 29
-    assert summary["tok_per_s"] == pytest.approx(39 / 6.0)
+    # Deliveries inside [2, 10]: 1 at t=2, 9 at t=4, 1 at t=5, 29 at t=8 (the last), timed from the last one
+    # before the window (t=1). Drain deliveries (t=13, 14, 20) are left out.
+    assert summary["elapsed_s"] == 7.0
+    assert summary["output_tokens"] == 1 + 9 + 1 + 29
+    assert summary["tok_per_s"] == pytest.approx(40 / 7.0)
     # Request rate = token rate ÷ the mean tokens of a completed request (10, 30, 50, 7).
-    assert summary["req_per_s"] == pytest.approx((39 / 6.0) / (97 / 4))
+    assert summary["req_per_s"] == pytest.approx((40 / 7.0) / (97 / 4))
 
 
 def test_a_bursty_server_is_measured_from_burst_to_burst() -> None:
@@ -62,12 +62,24 @@ def test_a_bursty_server_is_measured_from_burst_to_burst() -> None:
     assert summary["req_per_s"] == pytest.approx(2 * 4 / (23.006 - 3.006))  # 100 tokens per request
 
 
+def test_a_window_holding_one_burst_is_timed_from_the_burst_before_it() -> None:
+    # Batches of 4 answered whole every 17 s, at t=3 (warm-up) and t=20; a 30 s window from t=5 holds one burst.
+    records = [RequestRecord(start=0.0, first_token=end, end=end, completion_tokens=100, deliveries=[(end, 100)])
+               for end in (3.0, 3.0, 3.0, 3.0, 20.0, 20.0, 20.0, 20.0)]  # fmt: skip
+    summary = summarize(records, users=4, window=(5.0, 35.0))
+    assert summary["elapsed_s"] == 17.0
+    assert summary["tok_per_s"] == pytest.approx(400 / 17.0)
+
+
 def test_deliveries_that_never_pause_are_measured_over_the_whole_window() -> None:
     record = RequestRecord(start=0.0, first_token=0.1, end=20.0, completion_tokens=200,
-                           deliveries=[(0.1 * k, 1) for k in range(1, 201)])  # fmt: skip
+                           deliveries=[(k / 10, 1) for k in range(1, 201)])  # fmt: skip
     summary = summarize([record], users=1, window=(5.0, 15.0))
-    assert summary["elapsed_s"] == 10.0
-    assert summary["tok_per_s"] == pytest.approx(101 / 10.0)  # t = 5.0, 5.1, ..., 15.0
+    assert summary["elapsed_s"] == pytest.approx(10.1)  # from t = 4.9, the last delivery before the window
+    assert summary["tok_per_s"] == pytest.approx(101 / 10.1)  # t = 5.0, 5.1, ..., 15.0
+    alone = summarize([record], users=1, window=(0.0, 30.0))  # nothing before the window, no pause: all of it
+    assert alone["elapsed_s"] == 30.0
+    assert alone["tok_per_s"] == pytest.approx(200 / 30.0)
 
 
 def test_latency_statistics_cover_the_requests_started_in_the_window() -> None:
@@ -80,8 +92,9 @@ def test_latency_statistics_cover_the_requests_started_in_the_window() -> None:
     assert not summary["latency_mean_estimated"]
     assert summary["latency_p50_s"] == 4.0
     assert summary["ttft_p50_s"] == 1.0
-    # Deliveries after the first burst (t=2): 1 + 3 + 3 tokens by t=6; 4 tokens a request.
-    assert summary["req_per_s"] == pytest.approx((7 / 4.0) / 4)
+    # Deliveries in the window, timed from the last one before it (t=0.5): 3 + 1 + 1 + 3 + 3 tokens by t=6; 4
+    # tokens a request.
+    assert summary["req_per_s"] == pytest.approx((11 / 5.5) / 4)
 
 
 def test_censored_requests_push_percentiles_to_a_lower_bound_and_the_mean_to_littles_law() -> None:
