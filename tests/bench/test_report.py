@@ -6,8 +6,18 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from bench.loadgen import LevelResult, RequestRecord
-from bench.serving import FULL, build_report, evaluate_targets, level_record, plot, users_supported
+from bench.serving import (
+    FULL,
+    build_report,
+    evaluate_targets,
+    level_record,
+    plot,
+    rescale_utilization,
+    users_supported,
+)
 
 
 def level(users: int, tok_per_request: int, seconds_per_request: float, censored: int = 0) -> dict:
@@ -90,3 +100,10 @@ def test_prompt_tokens_from_the_prefix_cache_are_not_counted_as_compute() -> Non
     untouched = {"prefill_tokens_per_s": 100.0, "tok_per_s": 20.0, "prefix_cache_queries": 0, "compute_utilization": 1}
     discount_prefix_hits(untouched, flops_per_tok=1e9, peak_flops=1e11)
     assert untouched["compute_utilization"] == 1
+
+
+def test_utilization_is_rescaled_to_the_better_peak_reading() -> None:
+    systems = {"paged": {"mixed": [{"achieved_gflops": 50.0, "compute_utilization": 0.5}],
+                         "peak_rss_bytes": 1, "kv_budget_bytes": 2}}  # fmt: skip
+    rescale_utilization(systems, 200e9)
+    assert systems["paged"]["mixed"][0]["compute_utilization"] == pytest.approx(0.25)
