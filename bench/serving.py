@@ -579,9 +579,10 @@ def plot(results: dict[str, Any], output_dir: Path, suffix: str) -> list[Path]:
             ax.plot([s["t"] - t0 for s in samples],
                     [100 * s["kv_memory_efficiency"] if s["kv_memory_efficiency"] is not None else float("nan")
                      for s in samples], label="live / allocated slots", alpha=0.8)  # fmt: skip
-            for level in systems[name].get("mixed", []):
-                ax.axvline(level["started_at"] - t0, color="grey", lw=0.5)
-                ax.text(level["started_at"] - t0, 102, f"{level['users']}u", fontsize=7)
+            for workload, tag in (("mixed", ""), ("shared_prefix", "shared prefix "), ("parallel_sampling", "n=4 ")):
+                for level in systems[name].get(workload, []):
+                    ax.axvline(level["started_at"] - t0, color="grey", lw=0.5)
+                    ax.text(level["started_at"] - t0, 102, f"{tag}{level['users']}u", fontsize=7)
             ax.set_ylim(0, 110)
             ax.set_ylabel("%")
             ax.set_title(LABELS[name], fontsize=9)
