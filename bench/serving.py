@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import tempfile
 import threading
@@ -226,8 +227,8 @@ def run_baseline(system: str, plan: Plan, costs: tuple[float, float], log_dir: P
     module = {"naive": "naive_flask", "static": "static_batching"}[system]
     server = BaselineServer(module, plan.model, plan.threads, log_dir)
     print(f"starting the {system} server ...", flush=True)
-    server.start()
     try:
+        server.start()  # inside: a start that fails or is interrupted still stops the process
 
         previous = {"live_slots": 0, "allocated_slots": 0}
 
@@ -253,10 +254,10 @@ def run_serve(systems: list[str], plan: Plan, costs: tuple[float, float], log_di
                 for v in SERVE_VARIANTS if v in systems}  # fmt: skip
     cluster = ServeCluster(variants, plan.model, log_dir)
     print(f"starting Ray and `serve run` with {', '.join(variants)} ...", flush=True)
-    cluster.start()
     results: dict[str, Any] = {v: {} for v in variants}
     timelines: dict[str, list[dict[str, Any]]] = {}
     try:
+        cluster.start()
         for variant in variants:
             results[variant]["kv_budget_bytes"] = _kv_budget(cluster)
         for variant, workloads in _serve_schedule(variants, plan).items():
@@ -610,8 +611,17 @@ def machine_description() -> str:
     return f"{len(os.sched_getaffinity(0))} vCPUs ({model}), {psutil.virtual_memory().total / GiB:.0f} GiB, no GPU"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # asyncio.run's own SIGINT handler only cancels the running level, and that cancellation is swallowed on the
+    # way out (the run then went on to the next level): with a handler of our own, Ctrl-C ends the whole run and
+    # the `finally` blocks stop every server.
+    signal.signal(signal.SIGINT, _interrupt)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
