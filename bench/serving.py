@@ -166,8 +166,8 @@ def kv_summary(samples: list[dict[str, Any]], start: float, end: float) -> dict[
     }
 
 
-def level_record(result: LevelResult, flops_per_tok: float, peak_flops: float, price_per_hour: float) -> dict:
-    """The load generator's summary plus compute utilization, cost and the latencies for the CDF plot."""
+def level_record(result: LevelResult, flops_per_tok: float, price_per_hour: float) -> dict:
+    """The load generator's summary plus achieved FLOP/s, cost and the latencies for the CDF plot."""
     summary = result.summary()
     start, end = result.window
     # Prefill work: the prompts whose first token arrived in the window (the prefill finished there).
@@ -178,7 +178,6 @@ def level_record(result: LevelResult, flops_per_tok: float, peak_flops: float, p
     summary.update({
         "prefill_tokens_per_s": prefill_per_s,  # prompt tokens, cached ones included (see `discount_prefix_hits`)
         "achieved_gflops": achieved / 1e9,
-        "compute_utilization": achieved / peak_flops,
         "cost_per_1m_tokens": price_per_hour / (tok_s * 3600) * 1e6 if tok_s > 0 else math.inf,
         "started_at": result.started_at,
         # A request cut off had been followed at least this long: a censored latency is greater than it.
@@ -189,17 +188,17 @@ def level_record(result: LevelResult, flops_per_tok: float, peak_flops: float, p
     return summary
 
 
-def discount_prefix_hits(record: dict, flops_per_tok: float, peak_flops: float) -> None:
-    """Compute utilization without the prompt tokens the prefix cache served (they cost no model FLOPs)."""
+def discount_prefix_hits(record: dict, flops_per_tok: float) -> None:
+    """Achieved FLOP/s without the prompt tokens the prefix cache served (they cost no model FLOPs)."""
     queries = record.get("prefix_cache_queries") or 0
     if queries:
         computed = record["prefill_tokens_per_s"] * (1 - record["prefix_cache_hits"] / queries)
         achieved = (computed + record["tok_per_s"]) * flops_per_tok
-        record.update(achieved_gflops=achieved / 1e9, compute_utilization=achieved / peak_flops)
+        record["achieved_gflops"] = achieved / 1e9
 
 
 def run_workload(system: str, url: str, workload_name: str, workload: list[RequestSpec], levels: tuple[int, ...],
-                 plan: Plan, costs: tuple[float, float], drain_s: float, between: Callable[[], None],
+                 plan: Plan, flops_per_tok: float, drain_s: float, between: Callable[[], None],
                  after_level: Callable[[dict, float, float], None] | None = None,
                  batch_grace_s: float | None = None, baseline: bool = False) -> list[dict]:  # fmt: skip
     """Every level in turn; `between` clears the server after each (reset, or wait for the replica to drain)."""
@@ -213,7 +212,7 @@ def run_workload(system: str, url: str, workload_name: str, workload: list[Reque
                                            bar, batch_grace_s=batch_grace_s, warmup_s=mode.warmup_s,
                                            warmup_completions=1 if baseline else users))  # fmt: skip
             end = time.time()
-            record = level_record(result, costs[0], costs[1], plan.price_per_hour)
+            record = level_record(result, flops_per_tok, plan.price_per_hour)
             bar.set_postfix_str(f"{record['tok_per_s']:.1f} tok/s, {record['requests_completed']} done, "
                                 f"{record['requests_censored']} censored")  # fmt: skip
         if after_level is not None:
@@ -223,7 +222,7 @@ def run_workload(system: str, url: str, workload_name: str, workload: list[Reque
     return records
 
 
-def run_baseline(system: str, plan: Plan, costs: tuple[float, float], log_dir: Path) -> dict[str, Any]:
+def run_baseline(system: str, plan: Plan, flops_per_tok: float, log_dir: Path) -> dict[str, Any]:
     module = {"naive": "naive_flask", "static": "static_batching"}[system]
     server = BaselineServer(module, plan.model, plan.threads, log_dir)
     print(f"starting the {system} server ...", flush=True)
@@ -240,7 +239,7 @@ def run_baseline(system: str, plan: Plan, costs: tuple[float, float], log_dir: P
                 previous.update(live_slots=stats["live_slots"], allocated_slots=stats["allocated_slots"])
                 record["server_stats"] = {**stats, "kv_memory_efficiency": live / allocated if allocated else None}
 
-        mixed = run_workload(system, server.url, "mixed", plan.workloads["mixed"], plan.mode.levels, plan, costs,
+        mixed = run_workload(system, server.url, "mixed", plan.workloads["mixed"], plan.mode.levels, plan, flops_per_tok,
                              plan.mode.baseline_drain_s, server.reset, batch_stats, batch_grace_s=1.0,
                              baseline=True)  # fmt: skip
         rss = server.peak_rss()
@@ -249,7 +248,7 @@ def run_baseline(system: str, plan: Plan, costs: tuple[float, float], log_dir: P
     return {"mixed": mixed, "peak_rss_bytes": rss, "kv_budget_bytes": 0}
 
 
-def run_serve(systems: list[str], plan: Plan, costs: tuple[float, float], log_dir: Path) -> dict[str, Any]:
+def run_serve(systems: list[str], plan: Plan, flops_per_tok: float, log_dir: Path) -> dict[str, Any]:
     variants = {v: {**ENGINE_VARIANTS[v], "max_model_len": 2048, "num_threads": plan.threads}
                 for v in SERVE_VARIANTS if v in systems}  # fmt: skip
     cluster = ServeCluster(variants, plan.model, log_dir)
@@ -264,7 +263,7 @@ def run_serve(systems: list[str], plan: Plan, costs: tuple[float, float], log_di
             sampler = KVSampler(cluster, variant)
             with sampler:
                 try:
-                    _run_variant(cluster, variant, workloads, sampler, results[variant], plan, costs)
+                    _run_variant(cluster, variant, workloads, sampler, results[variant], plan, flops_per_tok)
                 except Exception as error:  # noqa: BLE001 — the other variants still run
                     traceback.print_exc()
                     results[variant]["error"] = f"{type(error).__name__}: {error}"
@@ -278,7 +277,7 @@ def run_serve(systems: list[str], plan: Plan, costs: tuple[float, float], log_di
 
 
 def _run_variant(cluster: ServeCluster, variant: str, workloads: list[tuple[str, tuple[int, ...]]],
-                 sampler: KVSampler, results: dict[str, Any], plan: Plan, costs: tuple[float, float]) -> None:  # fmt: skip
+                 sampler: KVSampler, results: dict[str, Any], plan: Plan, flops_per_tok: float) -> None:  # fmt: skip
     """The variant's workloads, each record with the KV statistics sampled during its level."""
     for workload_name, levels in workloads:
         before = _counters(cluster.replica_stats(variant))
@@ -288,10 +287,10 @@ def _run_variant(cluster: ServeCluster, variant: str, workloads: list[tuple[str,
             record.update(kv_summary(sampler.samples, start, end))
             record.update({key: after[key] - before[key] for key in after})
             before.update(after)
-            discount_prefix_hits(record, *costs)
+            discount_prefix_hits(record, flops_per_tok)
 
         results[workload_name] = run_workload(
-            variant, cluster.url(variant), workload_name, plan.workloads[workload_name], levels, plan, costs,
+            variant, cluster.url(variant), workload_name, plan.workloads[workload_name], levels, plan, flops_per_tok,
             plan.mode.drain_s, lambda: _wait_idle(cluster, variant), snapshot,
         )  # fmt: skip
 
@@ -335,8 +334,8 @@ def _serve_schedule(variants: dict[str, Any], plan: Plan) -> dict[str, list[tupl
 # --- report ---------------------------------------------------------------------------------------------------
 
 
-def rescale_utilization(systems: dict[str, Any], peak_flops: float) -> None:
-    """Every level's compute utilization against `peak_flops`."""
+def set_utilization(systems: dict[str, Any], peak_flops: float) -> None:
+    """Every level's compute utilization: its achieved FLOP/s ÷ `peak_flops`."""
     for system in systems.values():
         for levels in system.values():
             for level in levels if isinstance(levels, list) else []:
@@ -687,7 +686,6 @@ def main() -> None:
             "model": args.model.name,
             "torch": torch.__version__,
             "threads": args.threads,
-            "gemm_peak_gflops": peak / 1e9,
             "flops_per_token_gflop": flops_per_tok / 1e9,
             "weights_bytes": weights,
             "price_per_hour": args.price_per_hour,
@@ -696,18 +694,17 @@ def main() -> None:
         "systems": {},
     }
     started = time.monotonic()
-    costs = (flops_per_tok, peak)
     # NOTE: a system that fails is reported as failed; the others' measurements are still written.
     for system in ("naive", "static"):
         if system in systems:
             try:
-                results["systems"][system] = run_baseline(system, plan, costs, log_dir)
+                results["systems"][system] = run_baseline(system, plan, flops_per_tok, log_dir)
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
                 results["systems"][system] = {"error": f"{type(error).__name__}: {error}"}
     if any(v in systems for v in SERVE_VARIANTS):
         try:
-            serve = run_serve(systems, plan, costs, log_dir)
+            serve = run_serve(systems, plan, flops_per_tok, log_dir)
             results["systems"].update(serve["systems"])
             results["kv_timelines"] = serve["kv_timelines"]
         except Exception as error:  # noqa: BLE001
@@ -722,7 +719,7 @@ def main() -> None:
     peak_after = measure_gemm_peak()
     results["meta"]["gemm_peak_readings_gflops"] = [peak / 1e9, peak_after / 1e9]
     results["meta"]["gemm_peak_gflops"] = max(peak, peak_after) / 1e9
-    rescale_utilization(results["systems"], max(peak, peak_after))
+    set_utilization(results["systems"], max(peak, peak_after))
     previous_file = args.output_dir / f"serving{suffix}.json"
     if args.update and previous_file.exists():
         previous = restore(json.loads(previous_file.read_text()))

@@ -15,7 +15,7 @@ from bench.serving import (
     evaluate_targets,
     level_record,
     plot,
-    rescale_utilization,
+    set_utilization,
     users_supported,
 )
 
@@ -30,7 +30,7 @@ def level(users: int, tok_per_request: int, seconds_per_request: float, censored
                                      deliveries=[(end, tok_per_request)]))  # fmt: skip
     records += [RequestRecord(start=0.0) for _ in range(censored)]
     result = LevelResult(users, 5 * seconds_per_request, 60.0, records, started_at=1000.0 + users)
-    record = level_record(result, flops_per_tok=2.7e8, peak_flops=1.6e11, price_per_hour=0.1)
+    record = level_record(result, flops_per_tok=2.7e8, price_per_hour=0.1)
     record.update({"kv_memory_efficiency": 0.97, "kv_usage_peak": 0.5, "max_running": min(users, 64),
                    "prefix_cache_hits": 0, "prefix_cache_queries": 10})  # fmt: skip
     return record
@@ -55,6 +55,7 @@ def synthetic_results() -> dict:
     meta = {"date": "2026-11-24 00:00 UTC", "machine": "2 vCPUs", "model": "SmolLM2-135M-Instruct", "torch": "2.13",
             "threads": 2, "gemm_peak_gflops": 160.0, "weights_bytes": 540_000_000, "price_per_hour": 0.1,
             "mode": asdict(FULL)}  # fmt: skip
+    set_utilization(systems, meta["gemm_peak_gflops"] * 1e9)
     return {"meta": meta, "systems": systems, "kv_timelines": {"paged": samples, "contiguous": samples}}
 
 
@@ -94,16 +95,14 @@ def test_prompt_tokens_from_the_prefix_cache_are_not_counted_as_compute() -> Non
     from bench.serving import discount_prefix_hits
 
     record = {"prefill_tokens_per_s": 100.0, "tok_per_s": 20.0, "prefix_cache_hits": 75, "prefix_cache_queries": 100}
-    discount_prefix_hits(record, flops_per_tok=1e9, peak_flops=1e11)
+    discount_prefix_hits(record, flops_per_tok=1e9)
     assert record["achieved_gflops"] == 25 + 20  # a quarter of the prompt tokens computed, plus the output
-    assert record["compute_utilization"] == 45e9 / 1e11
-    untouched = {"prefill_tokens_per_s": 100.0, "tok_per_s": 20.0, "prefix_cache_queries": 0, "compute_utilization": 1}
-    discount_prefix_hits(untouched, flops_per_tok=1e9, peak_flops=1e11)
-    assert untouched["compute_utilization"] == 1
+    untouched = {"prefill_tokens_per_s": 100.0, "tok_per_s": 20.0, "prefix_cache_queries": 0, "achieved_gflops": 1}
+    discount_prefix_hits(untouched, flops_per_tok=1e9)
+    assert untouched["achieved_gflops"] == 1
 
 
-def test_utilization_is_rescaled_to_the_better_peak_reading() -> None:
-    systems = {"paged": {"mixed": [{"achieved_gflops": 50.0, "compute_utilization": 0.5}],
-                         "peak_rss_bytes": 1, "kv_budget_bytes": 2}}  # fmt: skip
-    rescale_utilization(systems, 200e9)
+def test_utilization_is_achieved_flops_over_the_peak() -> None:
+    systems = {"paged": {"mixed": [{"achieved_gflops": 50.0}], "peak_rss_bytes": 1, "kv_budget_bytes": 2}}
+    set_utilization(systems, 200e9)
     assert systems["paged"]["mixed"][0]["compute_utilization"] == pytest.approx(0.25)
