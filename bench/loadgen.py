@@ -4,7 +4,8 @@ One request stream per workload (seeded), the same for every system: users take 
 their previous one is answered. Each load level starts with a warm-up that is not measured (all users start at
 once, so a continuous-batching server first prefills every prompt together, and its requests finish in step
 until their lengths spread them out); it ends after `warmup_s`, or earlier once `warmup_completions` requests
-have completed. Then the measured window of `duration_s` runs with every user still sending; then no new
+have completed. Then the measured window of `duration_s` runs with every user still sending (kept open until the
+server's first answer in it, for servers answering in bursts further apart than the window); then no new
 requests start, the ones in flight get `drain_s` to finish, and whatever is still open is cancelled (reported as
 censored, not dropped).
 
@@ -290,7 +291,7 @@ async def run_level(url: str, requests: Iterator[RequestSpec], users: int, durat
     records: list[RequestRecord] = []
     started_at = time.time()
     t0 = time.perf_counter()
-    stop_at = [math.inf]  # users start no request after this (seconds since t0); set when the warm-up ends
+    stop_at = [math.inf]  # users start no request after this (seconds since t0); set when the window ends
     drained_at: list[float] = []  # when the first request completed after `stop_at`
     limits = httpx.Limits(max_connections=users + 4, max_keepalive_connections=users + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
@@ -319,10 +320,15 @@ async def run_level(url: str, requests: Iterator[RequestSpec], users: int, durat
                 break
             await asyncio.sleep(0.05)
         measured_from = time.perf_counter() - t0
-        stop_at[0] = measured_from + duration_s
         if progress is not None:
             progress.set_postfix_str(f"warm-up done at {measured_from:.0f} s")
         await asyncio.sleep(duration_s)
+        # A server answering in bursts further apart than the window (a static batch on a slow moment): keep the
+        # window open until its next answer, at most `drain_s` longer, so that it holds at least one.
+        while (not any(t > measured_from for r in records for t, _ in r.deliveries)
+               and time.perf_counter() - t0 < measured_from + duration_s + drain_s):  # fmt: skip
+            await asyncio.sleep(0.05)
+        stop_at[0] = time.perf_counter() - t0
         deadline = stop_at[0] + drain_s
         while not all(task.done() for task in tasks):
             now = time.perf_counter() - t0
@@ -339,7 +345,7 @@ async def run_level(url: str, requests: Iterator[RequestSpec], users: int, durat
         for task in tasks:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()
-    return LevelResult(users, duration_s, drain_s, records, started_at, measured_from, ended_s)
+    return LevelResult(users, stop_at[0] - measured_from, drain_s, records, started_at, measured_from, ended_s)
 
 
 def request_cycle(workload: Sequence[RequestSpec]) -> Iterator[RequestSpec]:
