@@ -154,3 +154,13 @@ def test_load_generator_drives_a_baseline_end_to_end(naive_server: str) -> None:
     assert 0 < summary["output_tokens"] <= in_window  # after the window's first burst, or all of it if none
     assert all(r.first_token is not None and r.first_token <= r.end for r in result.records)
     assert summary["tok_per_s"] > 0 and summary["ttft_p50_s"] <= summary["latency_p50_s"]
+
+
+def test_a_window_without_an_answer_stays_open_until_the_first(naive_server: str) -> None:
+    # The window (1 ms) ends before the next request's first token can arrive: it is kept open until one does.
+    workload = [RequestSpec("Once upon a time", 8, prompt_tokens=4)]
+    result = asyncio.run(run_level(naive_server, request_cycle(workload), users=1, duration_s=0.001, drain_s=60.0,
+                                   warmup_s=60.0, warmup_completions=1))  # fmt: skip
+    summary = result.summary()
+    assert result.duration_s > 0.001
+    assert summary["output_tokens"] > 0 and summary["tok_per_s"] > 0
