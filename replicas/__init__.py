@@ -1,31 +1,39 @@
-"""The replica engine: continuous batching over a paged KV cache (`replicas.deployment` wraps it for Ray Serve)."""
+"""The replica engine: continuous batching over a paged KV cache (`replicas.deployment` wraps it for Ray Serve).
 
+Names load on first use, so `replicas.contract` and `replicas.sampling_params` import without torch (the
+ingress process never loads it).
+"""
+
+import importlib
 import os
+from typing import Any
 
 # NOTE: OpenMP's default spin-waiting made every multi-threaded elementwise op 10-100x slower on small VMs (threads
 # spin against each other and the rest of the process). It is read once, when torch loads OpenMP, so it is set
 # here, before torch is imported; processes that import torch first should export it themselves.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from replicas.async_engine import AsyncEngine, EngineDeadError
-from replicas.config import EngineConfig, EngineConfigError
-from replicas.engine import LLMEngine, PromptTooLongError, RequestError
-from replicas.llm import LLM
-from replicas.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
-from replicas.sampling_params import SamplingParams
+_EXPORTS = {
+    "LLM": "replicas.llm",
+    "AsyncEngine": "replicas.async_engine",
+    "EngineDeadError": "replicas.async_engine",
+    "EngineConfig": "replicas.config",
+    "EngineConfigError": "replicas.config",
+    "LLMEngine": "replicas.engine",
+    "RequestError": "replicas.engine",
+    "PromptTooLongError": "replicas.engine",
+    "EngineStats": "replicas.outputs",
+    "CompletionOutput": "replicas.contract",
+    "RequestMetrics": "replicas.contract",
+    "RequestOutput": "replicas.contract",
+    "SamplingParams": "replicas.sampling_params",
+}
 
-__all__ = [
-    "LLM",
-    "AsyncEngine",
-    "CompletionOutput",
-    "EngineConfig",
-    "EngineConfigError",
-    "EngineDeadError",
-    "EngineStats",
-    "LLMEngine",
-    "PromptTooLongError",
-    "RequestError",
-    "RequestMetrics",
-    "RequestOutput",
-    "SamplingParams",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'replicas' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -6,22 +6,14 @@ writes `seq.block_table`; the model runner turns that into slot mappings and blo
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from replicas.contract import hash_block_tokens
 from replicas.sequence import Sequence
 
 logger = logging.getLogger(__name__)
-
-
-def hash_block_tokens(parent_hash: bytes | None, token_ids: tuple[int, ...]) -> bytes:
-    """Chained content hash of one full block. A cryptographic hash, so crafted prompts cannot collide on purpose."""
-    digest = hashlib.blake2b(parent_hash or b"", digest_size=16)
-    digest.update(array("q", token_ids).tobytes())
-    return digest.digest()
 
 
 @dataclass(eq=False)

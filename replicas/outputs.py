@@ -1,51 +1,12 @@
-"""What the engine hands back: request outputs (the shapes vLLM users know) and engine statistics."""
+"""What the engine hands back: request outputs (defined in `replicas.contract`) and engine statistics."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from replicas.sequence import TokenLogprobs
+from replicas.contract import CompletionOutput, RequestMetrics, RequestOutput
 
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # stop | length | abort
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    logprobs: list[TokenLogprobs] | None = None
-    cumulative_logprob: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class RequestMetrics:
-    """When a request passed each stage (monotonic seconds), as vLLM's `RequestOutput.metrics`; None: not yet.
-
-    Taken from the request's first sequence. The replica turns them into queue time, time to first token,
-    inter-token and end-to-end latency (`replicas/metrics.py`).
-    """
-
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None  # at the end of a request: when its last token was sampled
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
-    error: str | None = None  # why the request was failed, when the engine failed it
-    metrics: RequestMetrics | None = None
+__all__ = ["CompletionOutput", "EngineStats", "RequestMetrics", "RequestOutput"]
 
 
 @dataclass

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from replicas.contract import TokenLogprobs
 from replicas.sampling_params import SamplingParams
 
 
@@ -15,16 +16,6 @@ class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprob of a sampled token and of the most likely alternatives at that position."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: dict[int, float]
 
 
 @dataclass(eq=False)

@@ -6,7 +6,7 @@ from functools import lru_cache
 
 from transformers import AutoTokenizer
 
-from replicas.block_manager import hash_block_tokens
+from replicas import contract
 from router.errors import bad_request
 from router.protocol import ChatMessage
 
@@ -70,11 +70,4 @@ class PromptTokenizer:
 
 def prefix_block_hashes(token_ids: list[int], block_size: int, max_blocks: int = MAX_ROUTED_BLOCKS) -> list[str]:
     """Hex chained hashes of the prompt's full blocks: the keys under which a replica's prefix cache holds them."""
-    hashes: list[str] = []
-    parent: bytes | None = None
-    num_full = min(len(token_ids) // block_size, max_blocks)
-    for block_index in range(num_full):
-        start = block_index * block_size
-        parent = hash_block_tokens(parent, tuple(token_ids[start : start + block_size]))
-        hashes.append(parent.hex())
-    return hashes
+    return contract.prefix_block_hashes(token_ids, block_size, max_blocks)

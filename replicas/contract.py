@@ -1,0 +1,160 @@
+"""What crosses the ingress/replica boundary, typed and torch-free: model info, routing stats, the chained block
+hash, and the request outputs the replica streams back. Imported by `router/` and `replicas/` alike."""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+# --- the chained block hash (one implementation: the engine's prefix cache and the router's affinity) -----------
+
+
+def hash_block_tokens(parent_hash: bytes | None, token_ids: tuple[int, ...] | list[int]) -> bytes:
+    """Chained content hash of one full block. A cryptographic hash, so crafted prompts cannot collide on purpose."""
+    digest = hashlib.blake2b(parent_hash or b"", digest_size=16)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
+
+def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: int, num_blocks: int) -> None:
+    """Append to `hashes` (the chained hashes of `token_ids`' leading full blocks) up to `num_blocks` entries.
+
+    Each block is hashed once: callers keep `hashes` and extend it as tokens arrive."""
+    parent = hashes[-1] if hashes else None
+    for block_index in range(len(hashes), num_blocks):
+        start = block_index * block_size
+        parent = hash_block_tokens(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+
+
+def prefix_block_hashes(token_ids: list[int], block_size: int, max_blocks: int) -> list[str]:
+    """Hex chained hashes of the prompt's leading full blocks (at most `max_blocks`): the keys under which a
+    replica's prefix cache holds them."""
+    hashes: list[bytes] = []
+    extend_block_hashes(hashes, token_ids, block_size, min(len(token_ids) // block_size, max_blocks))
+    return [block_hash.hex() for block_hash in hashes]
+
+
+# --- records the replica reports ----------------------------------------------------------------------------------
+
+
+class ContractError(ValueError):
+    """A record from the other side lacks a field or has one this side does not know: the two are out of step."""
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing, unknown = required - set(data), set(data) - names
+    if missing or unknown:
+        raise ContractError(f"{cls.__name__}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ingress needs to validate requests the way the replica's engine will."""
+
+    model: str
+    max_model_len: int
+    block_size: int
+    max_num_seqs: int
+    num_total_blocks: int
+    enable_prefix_caching: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """Load and recent prefix-cache contents a replica pushes to every router of its deployment.
+
+    Serve carries it as a dict (`record_routing_stats` must return one): `to_dict` / `from_dict` at each end."""
+
+    timestamp: float  # wall clock (time.time()) when taken: the router drops stats older than its staleness bound
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_cached_blocks: int
+    block_size: int
+    num_requests_finished: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    kv_slots_allocated: int  # for bench/serving.py (KV usage over a run), not for routing
+    kv_slots_live: int
+    num_generation_tokens: int
+    num_preemptions: int
+    pid: int
+    prefix_hashes: list[str] = field(default_factory=list)  # hex, most recently registered last
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoutingStats:
+        return _from_dict(cls, data)
+
+
+# --- request outputs (the shapes vLLM users know) -------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of a sampled token and of the most likely alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: dict[int, float]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """When a request passed each stage (monotonic seconds), as vLLM's `RequestOutput.metrics`; None: not yet.
+
+    Taken from the request's first sequence. The replica turns them into queue time, time to first token,
+    inter-token and end-to-end latency (`replicas/metrics.py`).
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None  # at the end of a request: when its last token was sampled
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    error: str | None = None  # why the request was failed, when the engine failed it
+    metrics: RequestMetrics | None = None
