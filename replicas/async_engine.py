@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from replicas.config import EngineConfig
+from replicas.contract import ModelInfo
 from replicas.engine import LLMEngine, OutputKind
 from replicas.outputs import EngineStats, RequestOutput
 from replicas.sampling_params import SamplingParams
@@ -63,6 +64,34 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """The snapshot taken after the latest step (cheap; never waits for the engine thread)."""
         return self._stats
+
+    @property
+    def heartbeat(self) -> float:
+        """Monotonic time of the engine loop's last sign of life (a finished step, or an idle wait)."""
+        return self.last_step_time
+
+    def model_info(self) -> ModelInfo:
+        engine, config = self.engine, self.engine.config
+        return ModelInfo(
+            model=engine.model_name,
+            max_model_len=engine.max_model_len,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            num_total_blocks=engine.block_manager.num_total_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+
+    def recent_prefix_hashes(self, limit: int) -> list[bytes]:
+        """The `limit` most recently registered prefix-cache block hashes, most recent last."""
+        cached = self.engine.block_manager.cached_block_ids
+        # NOTE: the engine thread mutates this dict; copying its keys is one C call under the GIL, and the retry
+        # covers a resize caught mid-copy. A slightly stale view is fine: routing only needs a good guess.
+        for _ in range(3):
+            try:
+                return list(cached)[-limit:] if limit > 0 else []
+            except RuntimeError:
+                continue
+        return []
 
     async def generate(
         self,
