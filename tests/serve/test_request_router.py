@@ -179,11 +179,6 @@ def test_router_ignores_stale_reports_for_load_but_uses_power_of_two() -> None:
     assert len(ranks[0]) == 2
 
 
-def test_ranks_carry_the_reason_each_replica_is_there() -> None:
-    replicas = [view("a", free=90), view("b", prefix_blocks=4, free=20)]
-    assert rank_replicas(replicas, num_request_blocks=6) == [(["b"], "prefix_hit"), (["a"], "least_loaded")]
-
-
 def test_a_report_that_does_not_parse_counts_as_missing_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     renamed = stats(free=100)
     renamed["free_blocks"] = renamed.pop("num_free_blocks")  # a replica of another version
