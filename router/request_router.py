@@ -218,8 +218,10 @@ class KVAwareRequestRouter(RequestRouter):
                 stats = None  # its prefix hashes still attract requests: a stale hit is still likely a hit
                 if unique_id not in self._stale_warned:
                     self._stale_warned.add(unique_id)
-                    logger.warning("replica %s: routing stats are %.0fs old (bound %.0fs): routing it by queue length "
-                                   "only; is its engine stuck?", unique_id, age_s, self._stats_stale_after_s)  # fmt: skip
+                    logger.warning(
+                        "replica %s: routing stats are %.0fs old (bound %.0fs): routing it by queue length only; is "
+                        "its engine stuck?", unique_id, age_s, self._stats_stale_after_s,
+                    )  # fmt: skip
             else:
                 self._stale_warned.discard(unique_id)
         recent = self._recent_routes.get(unique_id, OrderedDict())

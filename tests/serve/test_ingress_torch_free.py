@@ -1,4 +1,4 @@
-"""The ingress process loads no torch, and its torch-free tokenizer gives the ids and chat prompts AutoTokenizer does."""
+"""The ingress process loads no torch, and its torch-free tokenizer gives AutoTokenizer's ids and chat prompts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from router.protocol import ChatMessage
 from router.tokenization import PromptTokenizer
 from tests.conftest import REPO_ROOT, save_gpt2_tokenizer
 
-TEXTS = ["Once upon a time", "  leading spaces, tabs\tand\nnewlines  ", "naïve café 東京 🙂", "<|im_start|>user", ""]
+TEXTS = ["Once upon a time", "  spaces, tabs\tand\nnewlines  ", "naïve café 東京 🙂", "<|im_start|>user", ""]
 CONVERSATION = [
     ChatMessage(role="system", content="Be brief."),
     ChatMessage(role="user", content="What is 2+2?"),
