@@ -64,7 +64,7 @@ def test_default_model_matches_transformers(default_model_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_default_model_chat_prompts_match_transformers(default_model_dir: Path) -> None:
-    """Chat answers end in EOS within a few tokens: both sides stop there, and the tokens up to and including it match."""
+    """Chat answers end in EOS within a few tokens: both sides stop there, and the tokens through EOS match."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
