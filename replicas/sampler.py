@@ -101,10 +101,8 @@ class Sampler:
         return token_ids
 
 
-def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row, the first column where the cumulative (kept) probability reaches `uniform` x the kept total."""
-    if kept is not None:
-        probs = probs.masked_fill(~kept, 0.0)
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first column where the cumulative probability exceeds `uniform` x the row's total."""
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     targets = uniforms * cdf[:, -1]
     return torch.searchsorted(cdf, targets[:, None], right=True).clamp_(max=probs.shape[1] - 1).squeeze(1)
@@ -112,9 +110,10 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, kept: torch.Tensor
 
 def _sample_truncated(probs: torch.Tensor, uniforms: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     vocab_size = probs.shape[1]
-    top_ks = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=probs.device)
-    top_ps = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=probs.device)
-    min_ps = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)
+    device = probs.device
+    top_ks = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+    top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device)
+    min_ps = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
     width = min(vocab_size, max(CANDIDATES, max(p.top_k for p in params)))
     sorted_probs, sorted_ids = probs.topk(width, dim=-1)
     if width < vocab_size:
@@ -122,45 +121,39 @@ def _sample_truncated(probs: torch.Tensor, uniforms: torch.Tensor, params: list[
         within |= (min_ps > 0) & (sorted_probs[:, -1] < sorted_probs[:, 0] * min_ps)
         if not bool(within.all()):
             sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    kept = truncation_mask(sorted_probs, top_ks, top_ps, min_ps, vocab_size)
-    positions = _inverse_cdf(sorted_probs, uniforms, kept)
+    cdf = sorted_probs.cumsum(dim=-1, dtype=torch.float64)
+    num_kept = kept_counts(sorted_probs, cdf, top_ks, top_ps, min_ps, vocab_size)
+    # The kept tokens are a prefix of the sorted candidates: sample within it.
+    targets = uniforms * cdf.gather(1, (num_kept - 1)[:, None]).squeeze(1)
+    positions = torch.searchsorted(cdf, targets[:, None], right=True).squeeze(1)
+    positions = torch.minimum(positions, num_kept - 1)
     return sorted_ids.gather(1, positions[:, None]).squeeze(1)
 
 
-def truncation_mask(
-    sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, vocab_size: int
+def kept_counts(
+    sorted_probs: torch.Tensor,
+    cdf: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    vocab_size: int,
 ) -> torch.Tensor:
-    """Which of each row's candidates (its most likely tokens, probabilities sorted descending; a prefix of the
-    vocabulary's order) survive top-k, then top-p over the top-k renormalized, then min-p."""
-    ranks = torch.arange(sorted_probs.shape[1], device=sorted_probs.device)
-    kept = ranks[None, :] < top_k[:, None]
-    in_k = sorted_probs.masked_fill(~kept, 0.0)
+    """How many of each row's most likely tokens survive top-k, then top-p over the top-k renormalized, then
+    min-p. `sorted_probs` are the row's candidates, descending (a prefix of the vocabulary's order), `cdf` their
+    running sum in float64. Each filter keeps a prefix, so the survivors are the first `count` candidates."""
+    width = sorted_probs.shape[1]
+    num_kept = top_k.clamp(max=width)
     # The top-k set's mass: all of it when top-k is off (the candidates may be only a prefix of the vocabulary).
-    k_mass = torch.where(top_k < vocab_size, in_k.sum(dim=-1), torch.ones_like(top_p))
-    # Keep a token while the mass strictly before it is below top_p (the top token is always kept).
-    mass_before = (in_k.cumsum(dim=-1) - in_k) / k_mass[:, None]
-    kept &= mass_before < top_p[:, None]
-    kept &= sorted_probs >= sorted_probs[:, :1] * min_p[:, None]
-    return kept
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top-k, then outside the smallest set whose probability reaches top-p."""
-    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1], device=logits.device)
-    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    # Keep a token while the mass strictly before it is below top_p (the top token is always kept).
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, sorted_index, sorted_logits)
-
-
-def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens less likely than `min_p` times the most likely one, and renormalize."""
-    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-    probs = probs.masked_fill(probs < threshold, 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True)
+    k_mass = torch.where(top_k < vocab_size, cdf.gather(1, (num_kept - 1)[:, None]).squeeze(1), 1.0)
+    if bool((top_p < 1.0).any()):
+        # Keep a token while the mass strictly before it is below top_p (the top token is always kept).
+        mass_before = (cdf - sorted_probs).contiguous()
+        by_p = torch.searchsorted(mass_before, (top_p * k_mass)[:, None].contiguous()).squeeze(1)
+        num_kept = torch.minimum(num_kept, by_p.clamp(min=1))
+    if bool((min_p > 0).any()):
+        by_min_p = (sorted_probs >= sorted_probs[:, :1] * min_p[:, None]).sum(dim=-1)
+        num_kept = torch.minimum(num_kept, by_min_p)
+    return num_kept
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from replicas import SamplingParams
-from replicas.sampler import Sampler, apply_penalties, rng_key, seeded_uniforms, truncation_mask
+from replicas.sampler import Sampler, apply_penalties, kept_counts, rng_key, seeded_uniforms
 from replicas.sequence import Sequence
 from tests.engine.helpers import make_engine, random_prompts, run_to_completion
 
@@ -21,13 +21,14 @@ def seq_with(params: SamplingParams, key: int | None = None) -> Sequence:
 
 
 def kept(probs: list[float], top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> list[bool]:
-    """Which tokens of `probs` (any order) survive, through the sampler's mask over the sorted candidates."""
+    """Which tokens of `probs` (any order) survive, by the sampler's count over the sorted candidates."""
     sorted_probs, order = torch.tensor([probs]).sort(dim=-1, descending=True)
-    mask = truncation_mask(sorted_probs, torch.tensor([top_k or len(probs)]), torch.tensor([top_p]),
-                           torch.tensor([min_p]), len(probs))  # fmt: skip
+    cdf = sorted_probs.cumsum(dim=-1, dtype=torch.float64)
+    (count,) = kept_counts(sorted_probs, cdf, torch.tensor([top_k or len(probs)]),
+                           torch.tensor([top_p], dtype=torch.float64), torch.tensor([min_p]), len(probs)).tolist()  # fmt: skip
     result = [False] * len(probs)
     for position, token in enumerate(order[0].tolist()):
-        result[token] = bool(mask[0, position])
+        result[token] = position < count
     return result
 
 
