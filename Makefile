@@ -7,11 +7,11 @@ export PYTHONPATH := $(CURDIR)
 # Ray's token auth stays on for `make serve` (a new local Ray creates ~/.ray/auth_token if there is none; `ray` and
 # `serve` commands on this machine read it there). The tests turn it off explicitly for their loopback clusters.
 serve: export RAY_AUTH_MODE := token
-test test-all: export RAY_AUTH_MODE := disabled
+test: export RAY_AUTH_MODE := disabled
 # OpenMP spin-waiting makes multi-threaded torch ops 10-100x slower here (see replicas/__init__.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup serve demo test test-all bench clean
+.PHONY: setup serve demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,8 @@ serve: setup
 demo: setup
 	$(PY) -m replicas.cli --model $(MODEL_DIR) "Once upon a time" "The capital of France is"
 
+# The whole suite, slow profile included: `-m ""` overrides pyproject's `-m "not slow"`, which is for quick local runs.
 test: setup
-	$(PY) -m pytest -q tests
-
-test-all: setup
 	$(PY) -m pytest -q -m "" tests
 
 bench: setup

@@ -3,6 +3,8 @@
 Shapes follow ../shared/DESIGN.md: caches are `[num_blocks, block_size, num_kv_heads, head_dim]`, a step is a
 flattened batch of `T` new tokens from `S` sequences described by `query_start_loc`, `seq_lens` and
 `block_tables`. The new tokens of a sequence are the last `q_len` positions of its `seq_len`.
+
+`TorchAttentionBackend` is what the model runner holds; the module functions are the stateless statement of each op.
 """
 
 from __future__ import annotations
@@ -41,6 +43,65 @@ def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
         value_cache.index_copy_(0, dst, value_cache.index_select(0, src))
 
 
+class TorchAttentionBackend:
+    """The PyTorch backend as the model runner holds it: one per engine, owning the state its layers share.
+
+    A step's layers share one padding plan, and every layer gathers its context into the same workspace; both live
+    here, not in the module, so two engines in one process (each stepping on its own thread) never share them.
+    An instance is not thread-safe: one engine, one instance.
+    """
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.plan_cache = PlanCache()
+        self.workspace = GatherWorkspace()
+
+    @property
+    def __name__(self) -> str:
+        # NOTE: the model runner logs `backend.__name__`, from when backends were modules; `name` is the attribute.
+        return self.name
+
+    def write_kv_cache(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        return paged_attention(
+            query,
+            key_cache,
+            value_cache,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            scale,
+            sliding_window,
+            plan_cache=self.plan_cache,
+            workspace=self.workspace,
+        )
+
+    def copy_blocks(
+        self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
+    ) -> None:
+        copy_blocks(key_caches, value_caches, block_mapping)
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -50,20 +111,26 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    *,
+    plan_cache: PlanCache | None = None,
+    workspace: GatherWorkspace | None = None,
 ) -> torch.Tensor:
     """Causal attention of each new token over its sequence's cached and new K/V. Returns `[T, num_heads, head_dim]`.
 
     NOTE: decodes (one new token) and prefill chunks are padded into a few groups of similar length and run as one
     masked SDPA call per group, so a step costs a handful of kernels rather than a Python loop over sequences, and
-    one long sequence does not pad every other to its length. The padding plan (gather indices, masks) depends only on the step's metadata, so it is built
-    once per step and reused by every layer.
+    one long sequence does not pad every other to its length. The padding plan (gather indices, masks) depends only
+    on the step's metadata, so `plan_cache` lets every layer of a step reuse it; `workspace` holds the buffer the
+    context is gathered into. Without them the plan is built and the buffer allocated for this call alone.
     """
-    plan = _plan_for(query_start_loc, seq_lens, block_tables, key_cache.shape[1], sliding_window, query.dtype)
+    plan_args = (query_start_loc, seq_lens, block_tables, key_cache.shape[1], sliding_window, query.dtype)
+    plan = plan_cache.get_or_build(*plan_args) if plan_cache is not None else _build_plan(*plan_args)
+    workspace = workspace if workspace is not None else GatherWorkspace()
     if len(plan) == 1:
-        return _padded_attention(query, key_cache, value_cache, plan[0], scale)
+        return _padded_attention(query, key_cache, value_cache, plan[0], scale, workspace)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     for group in plan:
-        out[group.rows] = _padded_attention(query[group.rows], key_cache, value_cache, group, scale)
+        out[group.rows] = _padded_attention(query[group.rows], key_cache, value_cache, group, scale, workspace)
     return out
 
 
@@ -80,25 +147,33 @@ class _GroupPlan:
     mask: torch.Tensor  # [S, 1, max_q, context_len] additive: 0 where allowed, -inf elsewhere
 
 
-_plan_cache: list = []
+class PlanCache:
+    """The last step's padding plan, reused while the same metadata tensors come back (every layer of a step)."""
 
+    def __init__(self) -> None:
+        self._metadata: tuple[torch.Tensor, ...] = ()
+        self._layout: tuple[int, int | None, torch.dtype] | None = None
+        self._plan: list[_GroupPlan] = []
 
-def _plan_for(
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    block_size: int,
-    sliding_window: int | None,
-    dtype: torch.dtype,
-) -> list[_GroupPlan]:
-    key = (query_start_loc, seq_lens, block_tables, block_size, sliding_window, dtype)
-    # Identity, not equality: the model runner passes the same metadata tensors to every layer of a step. Holding
-    # them in the cache keeps their ids from being reused by later tensors.
-    if _plan_cache and all(a is b for a, b in zip(_plan_cache[0], key)):
-        return _plan_cache[1]
-    plan = _build_plan(query_start_loc, seq_lens, block_tables, block_size, sliding_window, dtype)
-    _plan_cache[:] = [key, plan]
-    return plan
+    def get_or_build(
+        self,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        block_size: int,
+        sliding_window: int | None,
+        dtype: torch.dtype,
+    ) -> list[_GroupPlan]:
+        metadata, layout = (query_start_loc, seq_lens, block_tables), (block_size, sliding_window, dtype)
+        # NOTE: identity, not equality: the model runner passes the same metadata tensors to every layer of a step,
+        # and comparing contents would cost a device sync per layer. Holding the tensors keeps their ids from being
+        # reused by later ones. A runner that rewrites metadata in place must pass new tensor objects (views will do)
+        # each step: inference tensors carry no version counter that could tell.
+        if layout == self._layout and all(cached is current for cached, current in zip(self._metadata, metadata)):
+            return self._plan
+        self._plan = _build_plan(query_start_loc, seq_lens, block_tables, block_size, sliding_window, dtype)
+        self._metadata, self._layout = metadata, layout
+        return self._plan
 
 
 def _build_plan(
@@ -199,12 +274,30 @@ def _token_rows(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts, lengths) + offsets
 
 
-# Keyed by inference mode too: a buffer made under torch.inference_mode cannot be written outside it.
-_workspaces: dict[tuple[torch.dtype, torch.device, bool], torch.Tensor] = {}
+class GatherWorkspace:
+    """Reused buffers each layer's context is gathered into, so that a step does not fault in fresh pages per layer."""
+
+    def __init__(self) -> None:
+        # Keyed by inference mode too: a buffer made under torch.inference_mode cannot be written outside it.
+        self._buffers: dict[tuple[torch.dtype, torch.device, bool], torch.Tensor] = {}
+
+    def buffer(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat buffer of at least `numel` elements, valid until the next call."""
+        key = (dtype, device, torch.is_inference_mode_enabled())
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+        return buffer[:numel]
 
 
 def _gather_context(
-    key_cache: torch.Tensor, value_cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int, context_len: int
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    num_seqs: int,
+    context_len: int,
+    workspace: GatherWorkspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's K and V, `[S, context_len, num_kv_heads, head_dim]`, gathered whole blocks at a time.
 
@@ -214,12 +307,8 @@ def _gather_context(
     num_blocks = key_cache.shape[0]
     block_numel = key_cache[0].numel()
     needed = 2 * block_ids.numel() * block_numel
-    workspace_key = (key_cache.dtype, key_cache.device, torch.is_inference_mode_enabled())
-    workspace = _workspaces.get(workspace_key)
-    if workspace is None or workspace.numel() < needed:
-        workspace = torch.empty(needed, dtype=key_cache.dtype, device=key_cache.device)
-        _workspaces[workspace_key] = workspace
-    keys, values = workspace[:needed].view(2, block_ids.numel(), block_numel).unbind(0)
+    buffer = workspace.buffer(needed, key_cache.dtype, key_cache.device)
+    keys, values = buffer.view(2, block_ids.numel(), block_numel).unbind(0)
     torch.index_select(key_cache.view(num_blocks, block_numel), 0, block_ids, out=keys)
     torch.index_select(value_cache.view(num_blocks, block_numel), 0, block_ids, out=values)
     shape = (num_seqs, context_len, *key_cache.shape[2:])
@@ -227,12 +316,17 @@ def _gather_context(
 
 
 def _padded_attention(
-    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, plan: _GroupPlan, scale: float
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    plan: _GroupPlan,
+    scale: float,
+    workspace: GatherWorkspace,
 ) -> torch.Tensor:
     num_heads = query.shape[1]
     num_kv_heads = key_cache.shape[2]
     num_seqs = plan.q_valid.shape[0]
-    keys, values = _gather_context(key_cache, value_cache, plan.block_ids, num_seqs, plan.context_len)
+    keys, values = _gather_context(key_cache, value_cache, plan.block_ids, num_seqs, plan.context_len, workspace)
     # Slots past seq_len are masked, but a stale inf/NaN there would still poison the sum: zero them.
     if plan.beyond_seq_len.numel():
         keys.view(-1, *keys.shape[2:]).index_fill_(0, plan.beyond_seq_len, 0)

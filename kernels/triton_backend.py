@@ -1,5 +1,7 @@
 """Triton attention backend: the same `write_kv_cache`, `paged_attention` and `copy_blocks` as `torch_backend`.
 
+`TritonAttentionBackend` is what the model runner holds; the module functions are the ops themselves.
+
 Runs compiled on CUDA, and on CPU tensors in Triton's interpreter (slow; for tests). Shapes and semantics follow
 ../shared/DESIGN.md. `paged_attention` is one launch for a whole mixed batch (prefill chunks, prefix-cache hits,
 decodes); decode-only batches over long contexts may instead take the split-K (flash-decoding) path, two launches.
@@ -25,6 +27,65 @@ SPLIT_K_MAX_SEGMENTS = 16
 
 # Kernels decorated while TRITON_INTERPRET=1 run on CPU tensors in Triton's interpreter.
 INTERPRETED = isinstance(paged_attention_kernel, InterpretedFunction)
+
+
+class TritonAttentionBackend:
+    """The Triton backend as the model runner holds it: one per engine, like `TorchAttentionBackend`.
+
+    It keeps no state between calls today (split-K partials are allocated per call); an instance is where a reused
+    workspace would live.
+    """
+
+    name = "triton"
+
+    @property
+    def __name__(self) -> str:
+        # NOTE: the model runner logs `backend.__name__`, from when backends were modules; `name` is the attribute.
+        return self.name
+
+    def write_kv_cache(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        scale: float,
+        sliding_window: int | None = None,
+        *,
+        split_k: bool | None = None,
+        num_segments: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return paged_attention(
+            query,
+            key_cache,
+            value_cache,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            scale,
+            sliding_window,
+            split_k=split_k,
+            num_segments=num_segments,
+            out=out,
+        )
+
+    def copy_blocks(
+        self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
+    ) -> None:
+        copy_blocks(key_caches, value_caches, block_mapping)
 
 
 def write_kv_cache(

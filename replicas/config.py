@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kernels import AttentionBackendName
+# NOTE: the same Literal as `kernels.AttentionBackendName`, spelt out so this module (which the Serve driver and
+# `router.app` import to validate configs) loads no torch.
+AttentionBackendName = Literal["auto", "triton", "torch"]
 
 
 class EngineConfigError(ValueError):
@@ -70,9 +71,6 @@ class EngineConfig(BaseModel):
         if not (path / "config.json").exists():
             raise ValueError(f"{model!r} has no config.json: not a Hugging Face model directory")
         return model
-
-    def hf_config(self) -> dict:
-        return json.loads((Path(self.model) / "config.json").read_text())
 
     def resolved_device(self) -> str:
         import torch

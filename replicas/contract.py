@@ -40,11 +40,22 @@ def prefix_block_hashes(token_ids: list[int], block_size: int, max_blocks: int) 
     return [block_hash.hex() for block_hash in hashes]
 
 
-# --- records the replica reports ----------------------------------------------------------------------------------
+# --- errors the replica raises to its callers (defined here so unpickling one in the ingress loads no torch) ------
 
 
 class ContractError(ValueError):
     """A record from the other side lacks a field or has one this side does not know: the two are out of step."""
+
+
+class RequestRejectedError(ValueError):
+    """The engine refused the request (the message says why and what it would accept): the client's error, a 400."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The replica's engine loop is gone: the replica is about to be restarted, retry on another."""
+
+
+# --- records the replica reports ----------------------------------------------------------------------------------
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:

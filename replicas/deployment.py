@@ -12,10 +12,11 @@ from typing import Any
 import ray
 from ray import serve
 
+from replicas import EngineDeadError, RequestError
 from replicas.async_engine import AsyncEngine
 from replicas.config import EngineConfig
+from replicas.contract import EngineUnavailableError, RequestOutput, RequestRejectedError, RoutingStats
 from replicas.metrics import ReplicaMetrics
-from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,17 +52,9 @@ class LLMReplica:
         self.engine = AsyncEngine(config)
         self.stall_timeout_s = stall_timeout_s
         self.reported_prefix_hashes = reported_prefix_hashes
-        llm_engine = self.engine.engine
-        self._info = {
-            "model": llm_engine.model_name,
-            "max_model_len": llm_engine.max_model_len,
-            "block_size": config.block_size,
-            "max_num_seqs": config.max_num_seqs,
-            "num_total_blocks": llm_engine.block_manager.num_total_blocks,
-            "enable_prefix_caching": config.enable_prefix_caching,
-        }
-        self.metrics = ReplicaMetrics(self.engine, model=llm_engine.model_name, replica=_replica_id())
-        logger.info("replica ready: %s", self._info)
+        self._model_info = self.engine.model_info()
+        self.metrics = ReplicaMetrics(self.engine, model=self._model_info.model, replica=_replica_id())
+        logger.info("replica ready: %s", self._model_info)
 
     async def generate(
         self,
@@ -69,73 +62,66 @@ class LLMReplica:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prefix_hashes: list[str] | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's output deltas. `prefix_hashes` is for the request router; the engine re-derives them.
+        `priority`: lower runs first under the `priority` and `fair` scheduling policies (ignored by `fcfs`).
 
-        Raises `RequestError` for a request the engine refuses and `EngineDeadError` when the engine loop is gone.
-        Cancelling the call (a client disconnect) aborts the request and frees its KV blocks.
+        Raises `RequestRejectedError` for a request the engine refuses and `EngineUnavailableError` when the engine
+        loop is gone. Cancelling the call (a client disconnect) aborts the request and frees its KV blocks.
         """
         finished = False
         try:
             async for output in self.engine.generate(
-                request_id, prompt_token_ids=prompt_token_ids, params=params, output_kind="delta"
+                request_id, prompt_token_ids=prompt_token_ids, params=params, output_kind="delta", priority=priority
             ):
                 self.metrics.observe(output)
                 finished = output.finished
                 yield output
+        # NOTE: re-raised as the contract's torch-free errors: the caller unpickles what is raised here, and the
+        # engine's own classes live in modules that import torch (the ingress must not load it).
+        except RequestError as error:
+            raise RequestRejectedError(str(error)) from error
+        except EngineDeadError as error:
+            raise EngineUnavailableError(str(error)) from error
         finally:
             if not finished:
                 self.metrics.cancelled(request_id)
 
     def model_info(self) -> dict[str, Any]:
-        """What the ingress needs to validate requests the way this engine will: model name, context, block size."""
-        return dict(self._info)
+        """`ModelInfo.to_dict()`: what the ingress needs to validate requests the way this engine will."""
+        return self._model_info.to_dict()
 
     def check_health(self) -> None:
         """Fails when the engine loop died, or has had work but not finished a step for `stall_timeout_s`."""
         if not self.engine.is_alive:
             raise EngineUnhealthyError("the engine loop is not running; see the replica log for its traceback")
-        stalled_s = time.monotonic() - self.engine.last_step_time
+        stalled_s = time.monotonic() - self.engine.heartbeat
         if stalled_s > self.stall_timeout_s:
             raise EngineUnhealthyError(f"the engine loop made no progress for {stalled_s:.0f}s")
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Load and recent prefix-cache contents, pushed by Serve to every router of this deployment."""
+        """`RoutingStats.to_dict()`: load and recent prefix-cache contents, pushed by Serve to every router."""
         stats = self.engine.stats()
-        return {
-            "timestamp": time.time(),
-            "num_running": stats.num_running,
-            "num_waiting": stats.num_waiting,
-            "num_free_blocks": stats.num_free_blocks,
-            "num_total_blocks": stats.num_total_blocks,
-            "num_cached_blocks": stats.num_cached_blocks,
-            "block_size": stats.block_size,
-            "num_requests_finished": stats.num_requests_finished,
-            "prefix_cache_queries": stats.prefix_cache_queries,
-            "prefix_cache_hits": stats.prefix_cache_hits,
-            # For bench/serving.py, which samples KV usage and memory over a run (not used for routing):
-            "kv_slots_allocated": stats.kv_slots_allocated,
-            "kv_slots_live": stats.kv_slots_live,
-            "num_generation_tokens": stats.num_generation_tokens,
-            "num_preemptions": stats.num_preemptions,
-            "pid": os.getpid(),
-            "prefix_hashes": self._recent_prefix_hashes(),
-        }
-
-    def _recent_prefix_hashes(self) -> list[str]:
-        """The most recently registered block hashes, hex. Registration order is the dict's insertion order."""
-        cached = self.engine.engine.block_manager.cached_block_ids
-        # NOTE: the engine thread mutates this dict; copying its keys is one C call under the GIL, and the retry
-        # covers a resize caught mid-copy. A slightly stale view is fine: routing only needs a good guess.
-        for _ in range(3):
-            try:
-                keys = list(cached)
-                break
-            except RuntimeError:
-                continue
-        else:
-            return []
-        return [block_hash.hex() for block_hash in keys[-self.reported_prefix_hashes :]]
+        recent_hashes = self.engine.recent_prefix_hashes(self.reported_prefix_hashes)
+        return RoutingStats(
+            timestamp=time.time(),
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            num_free_blocks=stats.num_free_blocks,
+            num_total_blocks=stats.num_total_blocks,
+            num_cached_blocks=stats.num_cached_blocks,
+            block_size=stats.block_size,
+            num_requests_finished=stats.num_requests_finished,
+            prefix_cache_queries=stats.prefix_cache_queries,
+            prefix_cache_hits=stats.prefix_cache_hits,
+            kv_slots_allocated=stats.kv_slots_allocated,
+            kv_slots_live=stats.kv_slots_live,
+            num_generation_tokens=stats.num_generation_tokens,
+            num_preemptions=stats.num_preemptions,
+            pid=os.getpid(),
+            prefix_hashes=[block_hash.hex() for block_hash in recent_hashes],
+        ).to_dict()
 
     def __del__(self) -> None:
         metrics = getattr(self, "metrics", None)

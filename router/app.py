@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
 
+from replicas.config import EngineConfig
 from replicas.deployment import LLMReplica
 from router.ingress import IngressConfig, OpenAIIngress
 
@@ -24,7 +25,9 @@ class AppArgs(BaseModel):
 
     model: str = DEFAULT_MODEL
     served_model_name: str | None = None
-    engine: dict[str, Any] = Field(default_factory=dict, description="more EngineConfig fields (block_size, ...)")
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="more EngineConfig fields (block_size, ...), validated with `model`"
+    )
     num_replicas: int | None = Field(default=None, ge=1, description="None: Serve's default or autoscaling_config")
     replica_num_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per replica (torch threads)")
     replica_num_gpus: float = Field(default=0.0, ge=0, description="1 on GPU machines")
@@ -45,6 +48,30 @@ class AppArgs(BaseModel):
     router: dict[str, Any] = Field(default_factory=dict, description="KVAwareRequestRouter.initialize_state kwargs")
     ingress: dict[str, Any] = Field(default_factory=dict, description="more IngressConfig fields (api_key, max_n...)")
 
+    _engine_config: EngineConfig = PrivateAttr()
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        """The replicas' `EngineConfig`: `model`, `served_model_name` and `engine`, validated when the args load."""
+        return self._engine_config
+
+    @model_validator(mode="after")
+    def _engine_config_is_valid(self) -> AppArgs:
+        # NOTE: validated here, so a bad engine field fails `serve deploy` / `build_app` and not, later, every
+        # replica's start.
+        for name in ("model", "served_model_name"):
+            if name in self.engine:
+                raise ValueError(f"engine.{name}: set `{name}` at the top level of args (the ingress reads it too)")
+        try:
+            config = EngineConfig(model=self.model, served_model_name=self.served_model_name, **self.engine)
+        except ValidationError as error:
+            problems = "; ".join(f"{_engine_field(issue['loc'])}: {issue['msg']}" for issue in error.errors())
+            raise ValueError(f"invalid engine config: {problems}") from None
+        if config.num_threads is None and self.replica_num_cpus < 1:
+            config.num_threads = 1  # a fractional CPU: one torch thread, not as many as the node has cores
+        self._engine_config = config
+        return self
+
     @model_validator(mode="after")
     def _one_replica_count(self) -> AppArgs:
         if self.num_replicas is not None and self.autoscaling_config is not None:
@@ -57,26 +84,28 @@ class AppArgs(BaseModel):
         return self
 
 
+def _engine_field(loc: tuple[int | str, ...]) -> str:
+    """Where a bad EngineConfig field is set in the args: `model` and `served_model_name` at the top level."""
+    if loc and loc[0] in ("model", "served_model_name"):
+        return str(loc[0])
+    return ".".join(str(part) for part in ("engine", *loc))
+
+
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
     """The application for `args` (a dict from a config file or an `AppArgs`)."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    engine_config = {"model": args.model, **args.engine}
-    if args.served_model_name:
-        engine_config["served_model_name"] = args.served_model_name
-    max_num_seqs = int(engine_config.get("max_num_seqs", 64))
+    engine_config = args.engine_config
     actor_options: dict[str, Any] = {"num_cpus": args.replica_num_cpus}
     if args.replica_num_gpus:
         actor_options["num_gpus"] = args.replica_num_gpus
     if args.replica_resources:
         actor_options["resources"] = dict(args.replica_resources)
-    if "num_threads" not in args.engine and args.replica_num_cpus < 1:
-        engine_config["num_threads"] = 1
     router_kwargs = {"stats_stale_after_s": max(5.0, 5 * args.routing_stats_period_s), **args.router}
     options: dict[str, Any] = {
         "ray_actor_options": actor_options,
         # NOTE: one slot per sequence the engine batches; requests beyond wait in the caller's queue (bounded
         # below), where the router can still send them to another replica.
-        "max_ongoing_requests": max_num_seqs,
+        "max_ongoing_requests": engine_config.max_num_seqs,
         "max_queued_requests": args.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s),
         "request_router_config": RequestRouterConfig(
@@ -93,10 +122,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     if args.max_replicas_per_node is not None:
         # NOTE: Serve already places replicas with Ray's SPREAD strategy; this is the hard cap on top of it.
         options["max_replicas_per_node"] = args.max_replicas_per_node
-    replica = LLMReplica.options(**options).bind(engine_config, stall_timeout_s=args.stall_timeout_s)
+    replica = LLMReplica.options(**options).bind(
+        engine_config.model_dump(exclude_defaults=True), stall_timeout_s=args.stall_timeout_s
+    )
     ingress_config = IngressConfig(
         model=args.model,
-        tokenizer=engine_config.get("tokenizer"),
+        tokenizer=engine_config.tokenizer,
         served_model_name=args.served_model_name,
         **args.ingress,
     )

@@ -17,7 +17,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from replicas import SamplingParams
+from replicas.contract import ModelInfo, prefix_block_hashes
+from replicas.sampling_params import SamplingParams
 from router import responses
 from router.admission import AdmissionLimit, ConcurrencyLimitMiddleware
 from router.errors import APIError, bad_request, from_validation_error, http_status_error
@@ -33,11 +34,13 @@ from router.protocol import (
     random_id,
 )
 from router.streaming import PrimedStream, own_request_id, prime, replica_outputs, sse, to_api_error
-from router.tokenization import PromptTokenizer, prefix_block_hashes
+from router.tokenization import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "PAGED_SERVE_API_KEY"
+# Hashes of at most this many leading blocks travel with a request: deeper prefixes add little routing signal.
+MAX_ROUTED_BLOCKS = 256
 
 # NOTE: the schema is served by an authorized route below (`openapi_url=None` drops FastAPI's open one).
 app = FastAPI(title="paged-serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -132,9 +135,9 @@ class OpenAIIngress:
         )
         self._api_key = api_key.encode() if api_key else None
         self.tokenizer = PromptTokenizer(self.config.tokenizer or self.config.model)
-        self.replica = replica.options(stream=True)
-        self._model_info_handle = replica
-        self._model_info: dict[str, Any] | None = None
+        self.replica = replica  # unary calls (model_info)
+        self.replica_streams = replica.options(stream=True)  # generate
+        self._model_info: ModelInfo | None = None
         self._model_info_lock = asyncio.Lock()
         self.model_id = self.config.model_id()
         logger.info("ingress ready: model %s, API key %s", self.model_id, "required" if api_key else "off")
@@ -159,7 +162,7 @@ class OpenAIIngress:
             info = await self.model_info()
         except APIError:  # no replica up yet: list the model anyway
             info = None
-        return ModelList(data=[ModelCard(id=self.model_id, max_model_len=info["max_model_len"] if info else None)])
+        return ModelList(data=[ModelCard(id=self.model_id, max_model_len=info.max_model_len if info else None)])
 
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request) -> Any:
@@ -174,10 +177,10 @@ class OpenAIIngress:
         request_id = random_id("cmpl")
         calls = []
         for prompt_ids in prompts:
-            params = to_sampling_params(body, len(prompt_ids), info["max_model_len"], self._max_n(info))
+            params = to_sampling_params(body, len(prompt_ids), info.max_model_len, self._max_n(info))
             calls.append((prompt_ids, params))
         streams = await prime(
-            [self._generate(f"{request_id}-{i}", ids, params) for i, (ids, params) in enumerate(calls)]
+            [self._generate(f"{request_id}-{i}", ids, params, body.priority) for i, (ids, params) in enumerate(calls)]
         )
         usage = responses.UsageCounter(prompt_tokens=sum(len(ids) for ids in prompts))
         with_logprobs = body.logprobs is not None
@@ -199,9 +202,9 @@ class OpenAIIngress:
         self._check_model(body.model)
         info = await self.model_info()
         prompt_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt)
-        params = to_sampling_params(body, len(prompt_ids), info["max_model_len"], self._max_n(info))
+        params = to_sampling_params(body, len(prompt_ids), info.max_model_len, self._max_n(info))
         request_id = random_id("chatcmpl")
-        (stream,) = await prime([self._generate(request_id, prompt_ids, params)])
+        (stream,) = await prime([self._generate(request_id, prompt_ids, params, body.priority)])
         usage = responses.UsageCounter(prompt_tokens=len(prompt_ids))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -223,10 +226,10 @@ class OpenAIIngress:
         info = await self.model_info()
         prompt_ids = self.tokenizer.completion_prompts(body.prompt)[0]
         max_tokens = body.max_tokens or self.config.generate_max_tokens
-        max_tokens = min(max_tokens, info["max_model_len"] - len(prompt_ids))
+        max_tokens = min(max_tokens, info.max_model_len - len(prompt_ids))
         if max_tokens < 1:
             raise bad_request(
-                f"prompt is {len(prompt_ids)} tokens; max_model_len is {info['max_model_len']}", "prompt",
+                f"prompt is {len(prompt_ids)} tokens; max_model_len is {info.max_model_len}", "prompt",
                 code="context_length_exceeded",
             )  # fmt: skip
         if body.n > self._max_n(info):
@@ -249,27 +252,32 @@ class OpenAIIngress:
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
-    async def model_info(self) -> dict[str, Any]:
+    async def model_info(self) -> ModelInfo:
         """The replicas' engine settings (context length, block size), asked once."""
         if self._model_info is None:
             async with self._model_info_lock:
                 if self._model_info is None:
                     try:
-                        self._model_info = await self._model_info_handle.model_info.remote()
+                        reported = await self.replica.model_info.remote()
                     except Exception as error:  # noqa: BLE001 — no replica yet, or it died
                         raise to_api_error(error) from error
+                    self._model_info = ModelInfo.from_dict(reported)  # out of step with the replica: fail loudly
         return self._model_info
 
-    def _generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Any]:
-        hashes = prefix_block_hashes(prompt_ids, self._model_info["block_size"]) if self._model_info else []
+    def _generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> AsyncIterator[Any]:
+        info = self._model_info
+        hashes = prefix_block_hashes(prompt_ids, info.block_size, MAX_ROUTED_BLOCKS) if info else []
         with own_request_id():
-            response = self.replica.generate.remote(
-                request_id=request_id, prompt_token_ids=prompt_ids, params=params, prefix_hashes=hashes
-            )
+            response = self.replica_streams.generate.remote(
+                request_id=request_id, prompt_token_ids=prompt_ids, params=params, prefix_hashes=hashes,
+                priority=priority,
+            )  # fmt: skip
         return replica_outputs(response)
 
-    def _max_n(self, info: dict[str, Any]) -> int:
-        return min(self.config.max_n, info["max_num_seqs"])
+    def _max_n(self, info: ModelInfo) -> int:
+        return min(self.config.max_n, info.max_num_seqs)
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:

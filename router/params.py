@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from replicas import SamplingParams
+from replicas.sampling_params import SamplingParams
 from router.errors import bad_request, from_validation_error
 from router.protocol import ChatCompletionRequest, CompletionRequest
 

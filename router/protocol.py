@@ -47,6 +47,9 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    priority: int = Field(
+        default=0, description="lower runs first under the `priority` and `fair` scheduling policies; fcfs ignores it"
+    )
 
 
 class CompletionRequest(_SamplingFields):

@@ -14,6 +14,7 @@ Signals, freshest first:
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import OrderedDict
@@ -23,7 +24,10 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from replicas.contract import ContractError, RoutingStats
 from router.metrics import record_routing_decision
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class ReplicaView:
     replica_id: str
     max_ongoing_requests: int
     num_ongoing: int | None = None  # Serve's cached queue length; None when unknown
-    stats: dict[str, Any] | None = None  # the replica's latest routing stats; None when missing or stale
+    stats: RoutingStats | None = None  # the replica's latest routing stats; None when missing, unreadable or stale
     prefix_blocks: int = 0  # leading blocks of the request it holds (reported, or recently routed there)
     routed_since_report: int = 0  # requests this router sent since the stats were taken
 
@@ -61,9 +65,9 @@ def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
 
 def _load_key(replica: ReplicaView) -> tuple[float, float, float]:
     """Fewest waiting requests (counting what was sent since the report), then most free KV blocks."""
-    stats = replica.stats or {}
-    waiting = stats.get("num_waiting", 0) + replica.routed_since_report
-    return (waiting, -stats.get("num_free_blocks", 0), replica.num_ongoing or 0)
+    assert replica.stats is not None  # ranked by load only when every replica has fresh stats
+    waiting = replica.stats.num_waiting + replica.routed_since_report
+    return (waiting, -replica.stats.num_free_blocks, replica.num_ongoing or 0)
 
 
 def _is_saturated(replica: ReplicaView) -> bool:
@@ -76,10 +80,10 @@ def _overloaded_for_affinity(
     """Whether a prefix hit is worth queueing behind this replica's load (it is not when it is saturated)."""
     if _is_saturated(replica):
         return True
-    stats = replica.stats or {}
-    if stats.get("num_waiting", 0) + replica.routed_since_report > policy.max_waiting_for_affinity:
+    num_waiting = replica.stats.num_waiting if replica.stats is not None else 0
+    if num_waiting + replica.routed_since_report > policy.max_waiting_for_affinity:
         return True
-    if stats and stats.get("num_free_blocks", 0) < num_new_blocks:
+    if replica.stats is not None and replica.stats.num_free_blocks < num_new_blocks:
         return True
     least_ongoing = min((r.num_ongoing or 0) for r in replicas)
     return (replica.num_ongoing or 0) - least_ongoing > policy.max_imbalance
@@ -90,23 +94,14 @@ def rank_replicas(
     num_request_blocks: int,
     policy: RoutingPolicy = RoutingPolicy(),
     rng: random.Random | None = None,
-) -> list[list[str]]:
-    """Replica ids in ranks, best first; Serve tries each rank in turn and skips replicas that refuse.
+) -> list[tuple[list[str], str]]:
+    """Replica ids in ranks, best first, each with why it is there (prefix_hit, least_loaded or fallback: a
+    metric's label); Serve tries each rank in turn and skips replicas that refuse.
 
     1. Prefix affinity: the replica holding the longest leading run of the request's blocks, unless overloaded.
     2. Otherwise, when every replica has fresh stats: fewest waiting, then most free KV blocks.
-    3. Otherwise (stats stale or missing): power of two choices on ongoing requests.
+    3. Otherwise (stats stale, missing or unreadable): power of two choices on ongoing requests.
     """
-    return [rank for rank, _ in rank_replicas_with_reasons(replicas, num_request_blocks, policy, rng)]
-
-
-def rank_replicas_with_reasons(
-    replicas: list[ReplicaView],
-    num_request_blocks: int,
-    policy: RoutingPolicy = RoutingPolicy(),
-    rng: random.Random | None = None,
-) -> list[tuple[list[str], str]]:
-    """`rank_replicas`, each rank with the reason it is there: prefix_hit, least_loaded or fallback (metrics)."""
     rng = rng or random.Random()
     if not replicas:
         return []
@@ -152,7 +147,9 @@ class KVAwareRequestRouter(RequestRouter):
         # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
         self._recent_routes: dict[str, OrderedDict[str, float]] = {}
         self._routed_since_report: dict[str, tuple[float, int]] = {}  # replica id -> (report timestamp, count)
-        self._reported_hashes: dict[str, tuple[float, frozenset[str]]] = {}  # replica id -> (timestamp, hashes)
+        self._reports: dict[str, _ParsedReport] = {}  # replica id -> its latest report, parsed once
+        self._unreadable_reported: set[str] = set()  # replicas whose unreadable report was logged
+        self._stale_warned: set[str] = set()  # replicas whose stats are stale now, and were warned about
         self._rng = random.Random()
         # request -> {replica id: why it was ranked}, from the latest ranking, until Serve reports the placement
         self._routing_reasons: OrderedDict[str, dict[str, str]] = OrderedDict()
@@ -170,7 +167,7 @@ class KVAwareRequestRouter(RequestRouter):
         now = time.time()
         views = [self._view(replica, request_hashes, now) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        ranks = rank_replicas_with_reasons(views, len(request_hashes), self._policy, self._rng)
+        ranks = rank_replicas(views, len(request_hashes), self._policy, self._rng)
         if pending_request is not None:  # why each replica was offered, counted once Serve has placed the request
             self._routing_reasons[_request_key(pending_request)] = {
                 replica_id: reason for rank, reason in ranks for replica_id in rank
@@ -197,29 +194,36 @@ class KVAwareRequestRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         live = {replica.replica_id.unique_id for replica in replicas}
-        for table in (self._recent_routes, self._routed_since_report, self._reported_hashes):
+        for table in (self._recent_routes, self._routed_since_report, self._reports):
             for unique_id in [unique_id for unique_id in table if unique_id not in live]:
                 del table[unique_id]
+        self._unreadable_reported &= live
+        self._stale_warned &= live
 
     def _view(self, replica: RunningReplica, request_hashes: list[str], now: float) -> ReplicaView:
         unique_id = replica.replica_id.unique_id
-        stats = replica.routing_stats or None
+        report = self._parsed_report(unique_id, replica.routing_stats)
+        stats: RoutingStats | None = None
         reported: frozenset[str] = frozenset()
         routed_since = 0
-        if stats is not None:
-            timestamp = stats.get("timestamp", 0.0)
-            cached = self._reported_hashes.get(unique_id)
-            if cached is None or cached[0] != timestamp:  # build the set once per report, not per request
-                cached = (timestamp, frozenset(stats.get("prefix_hashes", ())))
-                self._reported_hashes[unique_id] = cached
-            reported = cached[1]
-            since_timestamp, count = self._routed_since_report.get(unique_id, (timestamp, 0))
-            if since_timestamp < timestamp:  # the newer report already counts what was sent before it
+        if report is not None:
+            stats, reported = report.stats, report.prefix_hashes
+            since_timestamp, count = self._routed_since_report.get(unique_id, (stats.timestamp, 0))
+            if since_timestamp < stats.timestamp:  # the newer report already counts what was sent before it
                 count = 0
-                self._routed_since_report[unique_id] = (timestamp, 0)
+                self._routed_since_report[unique_id] = (stats.timestamp, 0)
             routed_since = count
-            if now - timestamp > self._stats_stale_after_s:
-                stats = None
+            age_s = now - stats.timestamp
+            if age_s > self._stats_stale_after_s:
+                stats = None  # its prefix hashes still attract requests: a stale hit is still likely a hit
+                if unique_id not in self._stale_warned:
+                    self._stale_warned.add(unique_id)
+                    logger.warning(
+                        "replica %s: routing stats are %.0fs old (bound %.0fs): routing it by queue length only; is "
+                        "its engine stuck?", unique_id, age_s, self._stats_stale_after_s,
+                    )  # fmt: skip
+            else:
+                self._stale_warned.discard(unique_id)
         recent = self._recent_routes.get(unique_id, OrderedDict())
         while recent and now - next(iter(recent.values())) > self._recent_route_ttl_s:
             recent.popitem(last=False)
@@ -231,6 +235,33 @@ class KVAwareRequestRouter(RequestRouter):
             prefix_blocks=matched_blocks(request_hashes, reported, recent) if request_hashes else 0,
             routed_since_report=routed_since,
         )
+
+    def _parsed_report(self, unique_id: str, raw: dict[str, Any] | None) -> _ParsedReport | None:
+        """The replica's latest report as `RoutingStats`, parsed once per report (Serve hands the same dict until
+        the next); None when it has not reported, or its report does not parse (logged once per replica)."""
+        if not raw:
+            return None
+        cached = self._reports.get(unique_id)
+        if cached is not None and cached.raw is raw:
+            return cached if cached.stats is not None else None
+        try:
+            stats: RoutingStats | None = RoutingStats.from_dict(raw)
+        except (ContractError, TypeError) as error:
+            stats = None
+            if unique_id not in self._unreadable_reported:
+                self._unreadable_reported.add(unique_id)
+                logger.error("replica %s: routing stats do not parse (%s): routing it as if it had not reported; "
+                             "are the router and the replica from different versions?", unique_id, error)  # fmt: skip
+        hashes = frozenset(stats.prefix_hashes) if stats is not None else frozenset()
+        self._reports[unique_id] = _ParsedReport(raw, stats, hashes)
+        return self._reports[unique_id] if stats is not None else None
+
+
+@dataclass(frozen=True)
+class _ParsedReport:
+    raw: dict[str, Any]  # what Serve handed over (compared by identity: a new report is a new dict)
+    stats: RoutingStats | None  # None: it did not parse
+    prefix_hashes: frozenset[str]
 
 
 def _request_key(pending_request: PendingRequest) -> str:

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from replicas import CompletionOutput, RequestOutput
+from replicas.contract import CompletionOutput, RequestOutput
 from router.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -167,7 +167,7 @@ async def chat_response(
 
 async def chat_events(
     stream: PrimedStream, n: int, model: str, usage: UsageCounter, token_text: TokenText,
-    with_logprobs: bool, include_usage: bool, request_id: str, echo: list[str] | None = None,
+    with_logprobs: bool, include_usage: bool, request_id: str,
 ) -> AsyncIterator[str]:  # fmt: skip
     """SSE chunks of a streamed chat completion: the role first, then content deltas, then the finish reason."""
     created = int(time.time())

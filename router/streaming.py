@@ -16,7 +16,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentResponseGenerator
 
-from replicas import EngineDeadError, RequestError, RequestOutput
+from replicas.contract import EngineUnavailableError, RequestOutput, RequestRejectedError
 from router.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def to_api_error(error: BaseException) -> APIError:
     cause = getattr(error, "cause", None) or error
     if isinstance(cause, APIError):
         return cause
-    if isinstance(cause, RequestError):
+    if isinstance(cause, RequestRejectedError):
         return APIError(400, str(cause))
     if isinstance(cause, BackPressureError):
         return APIError(
@@ -40,7 +40,7 @@ def to_api_error(error: BaseException) -> APIError:
             code="server_overloaded",
             retry_after_s=cause.retry_after_s if cause.retry_after_s is not None else 1.0,
         )
-    if isinstance(cause, (EngineDeadError, DeploymentUnavailableError, RayActorError, ActorDiedError,
+    if isinstance(cause, (EngineUnavailableError, DeploymentUnavailableError, RayActorError, ActorDiedError,
                           ActorUnavailableError)):  # fmt: skip
         return APIError(
             503, f"no engine replica is available ({type(cause).__name__}): retry shortly",

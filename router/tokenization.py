@@ -1,24 +1,45 @@
-"""Prompts to token ids with the model's own tokenizer and chat template, and their prefix-block hashes."""
+"""Prompts to token ids with the model's own tokenizer and chat template, loaded without torch.
+
+NOTE: `transformers.AutoTokenizer` imports torch (through the model configuration classes it consults); the
+tokenizer classes themselves do not. The ingress picks the class the way AutoTokenizer does for a local directory,
+so its token ids and chat renderings match the engine's (tests/serve/test_tokenization.py compares them).
+"""
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
-from transformers import AutoTokenizer
+import transformers
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from replicas import contract
 from router.errors import bad_request
 from router.protocol import ChatMessage
 
-# Hashes of at most this many leading blocks travel with a request: deeper prefixes add little routing signal.
-MAX_ROUTED_BLOCKS = 256
+# `tokenizer_class` values that name no model-specific class: AutoTokenizer loads tokenizer.json as it is.
+_GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizer", "PreTrainedTokenizerFast", "PythonBackend"}
+
+
+def tokenizer_class_for(tokenizer_dir: str) -> type[PreTrainedTokenizerBase]:
+    """The class AutoTokenizer loads for this directory: `tokenizer_config.json`'s `tokenizer_class` when
+    transformers defines it (v5 names, with or without the old `Fast` suffix), else the generic tokenizers backend."""
+    config_path = Path(tokenizer_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    name = (config.get("tokenizer_class") or "TokenizersBackend").removesuffix("Fast")
+    if name in _GENERIC_TOKENIZER_CLASSES:
+        return TokenizersBackend
+    # NOTE: transformers' lazy module imports only `transformers.models.<family>.tokenization_<family>` here.
+    found = getattr(transformers, name, None)
+    return found if isinstance(found, type) and issubclass(found, TokenizersBackend) else TokenizersBackend
 
 
 class PromptTokenizer:
     """Tokenizes in the ingress, so replicas get token ids and the router can hash prefixes."""
 
     def __init__(self, tokenizer_dir: str) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+        self.tokenizer = tokenizer_class_for(tokenizer_dir).from_pretrained(tokenizer_dir)
         self.vocab_size = len(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
@@ -67,7 +88,3 @@ class PromptTokenizer:
         """One token as text, for logprobs (a lone byte of a multi-byte character decodes to U+FFFD)."""
         return self.tokenizer.decode([token_id])
 
-
-def prefix_block_hashes(token_ids: list[int], block_size: int, max_blocks: int = MAX_ROUTED_BLOCKS) -> list[str]:
-    """Hex chained hashes of the prompt's full blocks: the keys under which a replica's prefix cache holds them."""
-    return contract.prefix_block_hashes(token_ids, block_size, max_blocks)

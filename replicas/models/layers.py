@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels import AttentionBackend
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -37,11 +38,11 @@ class PagedAttention(nn.Module):
             raise ValueError(f"sliding_window must be at least 1 (a token sees itself); got {sliding_window}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.sliding_window = sliding_window
-        self.backend: ModuleType | None = None
+        self.backend: AttentionBackend | None = None
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
 
-    def bind(self, backend: ModuleType, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    def bind(self, backend: AttentionBackend, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         self.backend, self.key_cache, self.value_cache = backend, key_cache, value_cache
 
     def forward(

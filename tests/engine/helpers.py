@@ -16,11 +16,21 @@ def random_prompts(count: int, min_len: int, max_len: int, seed: int, vocab_size
     return [[rng.randrange(100, vocab_size) for _ in range(rng.randint(min_len, max_len))] for _ in range(count)]
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers `generate`, greedy, one prompt at a time (no padding effects), EOS ignored."""
+def hf_greedy(
+    model_dir: Path, prompts: list[list[int]], max_new_tokens: int, *, stop_at_eos: bool = False
+) -> list[list[int]]:
+    """transformers `generate`, greedy, one prompt at a time (no padding effects).
+
+    By default EOS is treated as the engine's `ignore_eos` treats it: picked when it is the argmax, then generation
+    goes on past it. NOTE: not `min_new_tokens`, which suppresses EOS and so picks the runner-up where EOS wins.
+    With `stop_at_eos` generation ends at EOS, which is included, as the engine's does without `ignore_eos`.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if not stop_at_eos:
+        # Without an EOS id, generate adds no EOS stopping criterion and leaves the logits alone.
+        model.generation_config.eos_token_id = None
     results = []
     with torch.inference_mode():
         for prompt in prompts:
@@ -29,7 +39,6 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=0,
             )
@@ -50,7 +59,8 @@ def run_to_completion(engine: LLMEngine, max_steps: int = 100_000) -> dict[str, 
 
 
 def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kwargs)
+    """Greedy, past EOS unless `ignore_eos=False` is given: random test models emit EOS at arbitrary points."""
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **{"ignore_eos": True, **kwargs})
 
 
 def make_engine(model_dir: Path, **kwargs: object) -> LLMEngine:

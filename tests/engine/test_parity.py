@@ -64,6 +64,7 @@ def test_default_model_matches_transformers(default_model_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_default_model_chat_prompts_match_transformers(default_model_dir: Path) -> None:
+    """Chat answers end in EOS within a few tokens: both sides stop there, and the tokens up to and including it match."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
@@ -73,12 +74,14 @@ def test_default_model_chat_prompts_match_transformers(default_model_dir: Path) 
         for q in questions
     ]
     prompt_ids = [tokenizer.encode(p) for p in prompts]
-    expected = hf_greedy(default_model_dir, prompt_ids, max_new_tokens=40)
+    expected = hf_greedy(default_model_dir, prompt_ids, max_new_tokens=40, stop_at_eos=True)
     engine = make_engine(default_model_dir, kv_cache_memory_bytes=256 * 1024 * 1024, max_model_len=2048)
     for i, prompt in enumerate(prompt_ids):
-        engine.add_request(f"r{i}", prompt, greedy(40))
+        engine.add_request(f"r{i}", prompt, greedy(40, ignore_eos=False))
     results = run_to_completion(engine)
     assert [results[f"r{i}"][0] for i in range(len(prompt_ids))] == expected
+    # The comparison covers the EOS path: at least one answer ends there rather than at max_tokens.
+    assert any(len(tokens) < 40 and tokens[-1] == tokenizer.eos_token_id for tokens in expected)
 
 
 def test_triton_backend_gives_the_same_greedy_tokens_as_torch(tiny_llama_dir: Path) -> None:

@@ -20,7 +20,8 @@ torch.set_num_threads(2)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "slow: long-running tests (more hypothesis examples, bigger shapes); not in the default CI run"
+        "markers",
+        "slow: long-running tests (more hypothesis examples, bigger shapes); skipped by plain pytest, run by make test",
     )
 
 

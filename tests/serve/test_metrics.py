@@ -17,7 +17,8 @@ import pytest
 from deploy.grafana.dashboard import expand, load_dashboard, metric_names, panel_queries, panels
 from deploy.grafana.snapshot import render_snapshot
 from replicas.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
-from router.request_router import ReplicaView, rank_replicas_with_reasons
+from router.request_router import ReplicaView, rank_replicas
+from tests.serve.test_request_router import report
 from tests.serve.conftest import ServedApp, run, wait_until
 from tests.serve.prometheus_server import PrometheusClient, running_prometheus
 
@@ -229,10 +230,10 @@ def test_replica_advances_counters_by_what_changed_between_snapshots(replica_met
 
 
 def test_routing_ranks_carry_the_reason_each_replica_is_offered() -> None:
-    fresh = {"num_waiting": 0, "num_free_blocks": 10}
+    fresh = report(free=10)
     replicas = [ReplicaView("a", 8, 0, fresh, prefix_blocks=2), ReplicaView("b", 8, 0, fresh),
                 ReplicaView("c", 8, 8, fresh)]  # fmt: skip
-    ranks = rank_replicas_with_reasons(replicas, num_request_blocks=3, rng=random.Random(0))
+    ranks = rank_replicas(replicas, num_request_blocks=3, rng=random.Random(0))
     assert ranks == [(["a"], "prefix_hit"), (["b"], "least_loaded"), (["c"], "fallback")]  # c is saturated
     stale = [ReplicaView(name, 8, 0, None) for name in "abc"]
-    assert {reason for _, reason in rank_replicas_with_reasons(stale, 0, rng=random.Random(0))} == {"fallback"}
+    assert {reason for _, reason in rank_replicas(stale, 0, rng=random.Random(0))} == {"fallback"}

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from replicas import SamplingParams
+from replicas.contract import ModelInfo, RequestRejectedError, RoutingStats, prefix_block_hashes
 from replicas.deployment import EngineUnhealthyError, LLMReplica
-from router.tokenization import prefix_block_hashes
 from tests.serve.conftest import wait_until
 
 
@@ -41,16 +41,45 @@ def test_generate_streams_one_delta_per_token(replica) -> None:
 def test_reported_prefix_hashes_are_the_ones_the_router_computes(replica) -> None:
     prompt = list(range(200, 200 + 16 * 3 + 5))  # three full blocks
     generate(replica, prompt, max_tokens=1)
-    stats = replica.record_routing_stats()
-    assert set(prefix_block_hashes(prompt, replica.model_info()["block_size"])) <= set(stats["prefix_hashes"])
-    assert stats["num_free_blocks"] == stats["num_total_blocks"]
-    assert stats["num_running"] == stats["num_waiting"] == 0
-    assert time.time() - stats["timestamp"] < 5
+    stats = RoutingStats.from_dict(replica.record_routing_stats())
+    block_size = ModelInfo.from_dict(replica.model_info()).block_size
+    assert set(prefix_block_hashes(prompt, block_size, max_blocks=256)) <= set(stats.prefix_hashes)
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert stats.num_running == stats.num_waiting == 0
+    assert time.time() - stats.timestamp < 5
 
 
 def test_model_info_reports_what_the_ingress_validates_against(replica) -> None:
-    info = replica.model_info()
-    assert info["max_model_len"] == 1024 and info["block_size"] == 16 and info["max_num_seqs"] == 64
+    info = ModelInfo.from_dict(replica.model_info())
+    assert info.max_model_len == 1024 and info.block_size == 16 and info.max_num_seqs == 64
+    assert info.enable_prefix_caching and info.num_total_blocks > 0
+
+
+def test_priority_reaches_the_engine(replica) -> None:
+    seen: list[int] = []
+    engine_generate = replica.engine.generate
+
+    def generate_spy(*args, **kwargs):
+        seen.append(kwargs["priority"])
+        return engine_generate(*args, **kwargs)
+
+    replica.engine.generate = generate_spy
+
+    async def collect() -> list:
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        return [output async for output in replica.generate("r1", list(range(100, 110)), params, priority=-3)]
+
+    assert asyncio.run(collect())[-1].finished
+    assert seen == [-3]
+
+
+def test_a_refused_request_raises_the_contracts_torch_free_error(replica) -> None:
+    async def collect() -> list:
+        params = SamplingParams(max_tokens=2000, temperature=0.0)  # over max_model_len (1024)
+        return [output async for output in replica.generate("r1", list(range(100, 110)), params)]
+
+    with pytest.raises(RequestRejectedError, match="max_model_len"):
+        asyncio.run(collect())
 
 
 def test_health_check_passes_while_the_loop_runs(replica) -> None:

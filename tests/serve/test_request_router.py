@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
+from replicas.contract import RoutingStats, prefix_block_hashes
 from router.request_router import (
     KVAwareRequestRouter,
     ReplicaView,
@@ -15,19 +19,32 @@ from router.request_router import (
     matched_blocks,
     rank_replicas,
 )
-from router.tokenization import prefix_block_hashes
 
-HASHES = prefix_block_hashes(list(range(100, 100 + 16 * 6)), block_size=16)  # six chained block hashes
+HASHES = prefix_block_hashes(list(range(100, 100 + 16 * 6)), block_size=16, max_blocks=256)  # six chained hashes
+
+
+def report(free: int = 100, waiting: int = 0, hashes: list[str] | None = None, age_s: float = 0.0) -> RoutingStats:
+    return RoutingStats(
+        timestamp=time.time() - age_s, num_running=0, num_waiting=waiting, num_free_blocks=free, num_total_blocks=100,
+        num_cached_blocks=0, block_size=16, num_requests_finished=0, prefix_cache_queries=0, prefix_cache_hits=0,
+        kv_slots_allocated=0, kv_slots_live=0, num_generation_tokens=0, num_preemptions=0, pid=1,
+        prefix_hashes=hashes or [],
+    )  # fmt: skip
 
 
 def stats(free: int = 100, waiting: int = 0, hashes: list[str] | None = None, age_s: float = 0.0) -> dict[str, Any]:
-    return {"timestamp": time.time() - age_s, "num_free_blocks": free, "num_total_blocks": 100,
-            "num_waiting": waiting, "num_running": 0, "prefix_hashes": hashes or []}  # fmt: skip
+    """What Serve hands the router: the dict `LLMReplica.record_routing_stats` returned."""
+    return report(free, waiting, hashes, age_s).to_dict()
 
 
 def view(replica_id: str, *, prefix_blocks: int = 0, ongoing: int = 0, free: int = 100, waiting: int = 0,
          fresh: bool = True, max_ongoing: int = 8) -> ReplicaView:  # fmt: skip
-    return ReplicaView(replica_id, max_ongoing, ongoing, stats(free, waiting) if fresh else None, prefix_blocks)
+    return ReplicaView(replica_id, max_ongoing, ongoing, report(free, waiting) if fresh else None, prefix_blocks)
+
+
+def rank_ids(*args: Any, **kwargs: Any) -> list[list[str]]:
+    """`rank_replicas` without the reasons."""
+    return [rank for rank, _ in rank_replicas(*args, **kwargs)]
 
 
 def first_choice(ranks: list[list[str]]) -> list[str]:
@@ -43,51 +60,51 @@ def test_matched_blocks_counts_the_deepest_hit_since_hashes_are_chained() -> Non
 
 def test_prefix_holder_wins_over_an_emptier_replica() -> None:
     replicas = [view("a", free=100), view("b", prefix_blocks=4, free=20)]
-    assert first_choice(rank_replicas(replicas, num_request_blocks=6)) == ["b"]
+    assert first_choice(rank_ids(replicas, num_request_blocks=6)) == ["b"]
 
 
 def test_saturated_prefix_holder_is_passed_over() -> None:
     replicas = [view("a"), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
-    ranks = rank_replicas(replicas, num_request_blocks=6)
+    ranks = rank_ids(replicas, num_request_blocks=6)
     assert first_choice(ranks) == ["a"]
     assert ranks[-1] == ["b"]  # still a last resort
 
 
 def test_prefix_holder_with_a_long_queue_is_passed_over() -> None:
     replicas = [view("a"), view("b", prefix_blocks=6, waiting=9)]
-    assert first_choice(rank_replicas(replicas, 6, RoutingPolicy(max_waiting_for_affinity=8))) == ["a"]
+    assert first_choice(rank_ids(replicas, 6, RoutingPolicy(max_waiting_for_affinity=8))) == ["a"]
 
 
 def test_prefix_holder_much_busier_than_the_rest_is_passed_over() -> None:
     replicas = [view("a", ongoing=0, max_ongoing=64), view("b", prefix_blocks=6, ongoing=20, max_ongoing=64)]
-    assert first_choice(rank_replicas(replicas, 6, RoutingPolicy(max_imbalance=16))) == ["a"]
+    assert first_choice(rank_ids(replicas, 6, RoutingPolicy(max_imbalance=16))) == ["a"]
 
 
 def test_prefix_holder_without_room_for_the_rest_of_the_prompt_is_passed_over() -> None:
     replicas = [view("a"), view("b", prefix_blocks=1, free=2)]
-    assert first_choice(rank_replicas(replicas, num_request_blocks=6)) == ["a"]
+    assert first_choice(rank_ids(replicas, num_request_blocks=6)) == ["a"]
 
 
 def test_without_a_prefix_hit_fewest_waiting_then_most_free_blocks_win() -> None:
     replicas = [view("a", free=10), view("b", free=90), view("c", free=95, waiting=2)]
-    assert rank_replicas(replicas, 0) == [["b"], ["a"], ["c"]]
+    assert rank_ids(replicas, 0) == [["b"], ["a"], ["c"]]
 
 
 def test_requests_sent_since_the_last_report_count_as_waiting() -> None:
-    busy = ReplicaView("a", 8, 0, stats(free=90), routed_since_report=3)
-    assert first_choice(rank_replicas([busy, view("b", free=50)], 0)) == ["b"]
+    busy = ReplicaView("a", 8, 0, report(free=90), routed_since_report=3)
+    assert first_choice(rank_ids([busy, view("b", free=50)], 0)) == ["b"]
 
 
 def test_stale_stats_fall_back_to_power_of_two_choices() -> None:
     replicas = [view(name, fresh=False) for name in "abcd"]
-    ranks = rank_replicas(replicas, 0, rng=random.Random(0))
+    ranks = rank_ids(replicas, 0, rng=random.Random(0))
     assert len(ranks[0]) == 2  # Serve picks the one of the pair with fewer ongoing requests
     assert sorted(sum(ranks, [])) == ["a", "b", "c", "d"]
 
 
 def test_ties_are_broken_at_random() -> None:
     replicas = [view("a"), view("b")]
-    firsts = {first_choice(rank_replicas(replicas, 0, rng=random.Random(seed)))[0] for seed in range(20)}
+    firsts = {first_choice(rank_ids(replicas, 0, rng=random.Random(seed)))[0] for seed in range(20)}
     assert firsts == {"a", "b"}
 
 
@@ -160,3 +177,30 @@ def test_router_ignores_stale_reports_for_load_but_uses_power_of_two() -> None:
     replicas = [FakeReplica(name, stats(age_s=60)) for name in "abc"]
     ranks = choose(make_router(), replicas, [])
     assert len(ranks[0]) == 2
+
+
+def test_a_report_that_does_not_parse_counts_as_missing_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    renamed = stats(free=100)
+    renamed["free_blocks"] = renamed.pop("num_free_blocks")  # a replica of another version
+    replicas = [FakeReplica("a", renamed), FakeReplica("b", stats(free=10))]
+    router = make_router()
+    with caplog.at_level(logging.ERROR, logger="router.request_router"):
+        ranks = choose(router, replicas, [])
+        choose(router, replicas, [])
+    assert len(ranks[0]) == 2  # no fresh stats for "a": power of two choices, not a ranking on zeros
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1 and "replica a" in errors[0] and "free_blocks" in errors[0]
+
+
+def test_stale_stats_are_warned_about_once_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    router = make_router()
+    replica = FakeReplica("a", stats(age_s=60))
+    with caplog.at_level(logging.WARNING, logger="router.request_router"):
+        choose(router, [replica], [])
+        choose(router, [replica], [])
+        replica.routing_stats = stats()  # fresh again: the episode ends
+        choose(router, [replica], [])
+        replica.routing_stats = stats(age_s=60)
+        choose(router, [replica], [])
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("replica a" in warning and "old" in warning for warning in warnings)
