@@ -88,13 +88,9 @@ class ModelRunner:
             self.num_blocks * config.block_size,
             self.kv_spec.bytes_per_token,
             self.num_blocks * self.kv_spec.bytes_per_block / 1024**3,
-            self.backend_name,
+            self.backend.name,
         )
         self.input_batch = InputBatch(config.max_num_seqs, self.max_model_len, config.block_size)
-
-    @property
-    def backend_name(self) -> str:
-        return getattr(self.backend, "name", None) or getattr(self.backend, "__name__", type(self.backend).__name__)
 
     @property
     def vocab_size(self) -> int:
