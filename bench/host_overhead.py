@@ -36,13 +36,17 @@ PROMPT_LEN = 32
 VOCAB_SIZE = 2048
 
 
-def build_model(directory: Path) -> Path:
+def build_model(directory: Path, initializer_range: float = 0.02) -> Path:
+    """A seeded random 1-layer Llama. At transformers' default init (0.02) its next-token distributions are nearly
+    flat (the sampler's worst case: top-p 0.9 spans most of the vocabulary); at 0.3 they are peaked like a trained
+    model's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)  # fmt: skip
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+                         initializer_range=initializer_range)  # fmt: skip
     LlamaForCausalLM(config).eval().save_pretrained(directory, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (Path(DEFAULT_MODEL_DIR) / name).exists():
@@ -161,15 +165,18 @@ def main() -> None:
     parser.add_argument("--skip-async", action="store_true")
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--label", default="", help="stored with the results (e.g. the commit measured)")
+    parser.add_argument("--initializer-range", type=float, default=0.02,
+                        help="the model's init scale: 0.02 gives flat distributions (worst case), 0.3 peaked ones")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [parse_size(s) for s in args.kv_sizes.split(",")]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
           f"threads, flags {' '.join(cpu_flags())}; {args.num_seqs} sequences decoding with sampling")  # fmt: skip
     results: dict[str, object] = {"label": args.label, "num_seqs": args.num_seqs, "steps": args.steps,
-                                  "threads": args.threads, "cpu_flags": cpu_flags(), "offline": []}  # fmt: skip
+                                  "threads": args.threads, "cpu_flags": cpu_flags(), "offline": [],
+                                  "initializer_range": args.initializer_range}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(Path(tmp))
+        model_dir = build_model(Path(tmp), args.initializer_range)
         for size in sizes if not args.skip_offline else []:
             results["offline"].append(run_offline(model_dir, size, args.num_seqs, args.steps, args.warmup))
         if not args.skip_async:

@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from replicas.config import EngineConfig
-from replicas.contract import ModelInfo
-from replicas.engine import LLMEngine, OutputKind
-from replicas.outputs import EngineStats, RequestOutput
+from replicas.contract import ModelInfo, RequestOutput
+from replicas.engine import LLMEngine
+from replicas.intake import OutputKind
+from replicas.outputs import EngineStats
 from replicas.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -33,25 +34,36 @@ class _Add:
     priority: int
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
-    accepted: "asyncio.Future[None]"
+    accepted: asyncio.Future[None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+_WAKE = object()
 
 
 class AsyncEngine:
     """Owns an `LLMEngine` and the only thread that touches it.
 
     Callers talk to that thread through a command queue; each request's outputs come back on its own asyncio
-    queue. Cancelling the consumer of `generate` aborts the request, which frees its KV blocks.
+    queue, all of a step's outputs for one event loop in one callback. Cancelling the consumer of `generate`
+    aborts the request, which frees its KV blocks.
     """
 
     def __init__(self, config: EngineConfig | LLMEngine, idle_wait_s: float = 0.05) -> None:
         self.engine = config if isinstance(config, LLMEngine) else LLMEngine(config)
+        self._model_info = self.engine.model_info()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._idle_wait_s = idle_wait_s
         self._stats = self.engine.stats()
         self._error: BaseException | None = None
         self._stopping = threading.Event()
-        self.last_step_time = time.monotonic()
+        # Monotonic time of the loop's last sign of life (a step, or an idle wait): the health check reads it.
+        self.heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -65,33 +77,12 @@ class AsyncEngine:
         """The snapshot taken after the latest step (cheap; never waits for the engine thread)."""
         return self._stats
 
-    @property
-    def heartbeat(self) -> float:
-        """Monotonic time of the engine loop's last sign of life (a finished step, or an idle wait)."""
-        return self.last_step_time
-
     def model_info(self) -> ModelInfo:
-        engine, config = self.engine, self.engine.config
-        return ModelInfo(
-            model=engine.model_name,
-            max_model_len=engine.max_model_len,
-            block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs,
-            num_total_blocks=engine.block_manager.num_total_blocks,
-            enable_prefix_caching=config.enable_prefix_caching,
-        )
+        return self._model_info
 
     def recent_prefix_hashes(self, limit: int) -> list[bytes]:
-        """The `limit` most recently registered prefix-cache block hashes, most recent last."""
-        cached = self.engine.block_manager.cached_block_ids
-        # NOTE: the engine thread mutates this dict; copying its keys is one C call under the GIL, and the retry
-        # covers a resize caught mid-copy. A slightly stale view is fine: routing only needs a good guess.
-        for _ in range(3):
-            try:
-                return list(cached)[-limit:] if limit > 0 else []
-            except RuntimeError:
-                continue
-        return []
+        """The most recently registered prefix-cache block hashes, oldest first (any thread)."""
+        return self.engine.block_manager.recent_prefix_hashes(limit)
 
     async def generate(
         self,
@@ -109,12 +100,11 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         accepted: asyncio.Future[None] = loop.create_future()
-        self._commands.put(
-            _Add(
-                request_id, prompt, prompt_token_ids, params or SamplingParams(), output_kind, priority, loop, outputs,
-                accepted,
-            )
-        )
+        command = _Add(request_id, prompt, prompt_token_ids, params or SamplingParams(), output_kind, priority, loop,
+                       outputs, accepted)  # fmt: skip
+        self._commands.put(command)
+        if not self.is_alive:  # it died after the check above: nobody may ever read the command
+            self._refuse(command)
         finished = False
         try:
             await accepted
@@ -131,11 +121,11 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(_Abort(request_id))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
-        self._commands.put(("wake", None))
+        self._commands.put(_WAKE)
         self._thread.join(timeout_s)
 
     # --- engine thread ----------------------------------------------------------------------------------------
@@ -147,21 +137,22 @@ class AsyncEngine:
                 if not self.engine.has_unfinished():
                     continue
                 outputs = self.engine.step()
-                self.last_step_time = time.monotonic()
+                self.heartbeat = time.monotonic()
                 self._stats = self.engine.stats()
-                for output in outputs:
-                    self._deliver(output.request_id, output, done=output.finished)
+                self._deliver(outputs)
         except BaseException as error:  # noqa: BLE001 — reported to every waiting caller and the health check
             logger.exception("engine loop died")
             self._error = error
+            dead = EngineDeadError(f"engine loop died: {error!r}")
             for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"engine loop died: {error!r}"), done=True)
+                self._send({request_id: dead})
+            self._refuse_queued()
 
     def _drain_commands(self, block: bool) -> None:
         try:
             command = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
         except queue.Empty:
-            self.last_step_time = time.monotonic()  # idle is healthy
+            self.heartbeat = time.monotonic()  # idle is healthy
             return
         while True:
             self._handle(command)
@@ -173,34 +164,60 @@ class AsyncEngine:
     def _handle(self, command: object) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(
-                    command.request_id,
-                    command.prompt,
-                    command.params,
-                    prompt_token_ids=command.prompt_token_ids,
-                    output_kind=command.output_kind,
-                    priority=command.priority,
-                )
+                self.engine.add_request(command.request_id, command.prompt, command.params,
+                                        prompt_token_ids=command.prompt_token_ids, output_kind=command.output_kind,
+                                        priority=command.priority)  # fmt: skip
             except Exception as error:  # noqa: BLE001 — a refused request goes back to its caller
                 command.loop.call_soon_threadsafe(_set_future, command.accepted, error)
                 return
             self._streams[command.request_id] = (command.loop, command.outputs)
             command.loop.call_soon_threadsafe(_set_future, command.accepted, None)
             self._stats = self.engine.stats()
-        elif isinstance(command, tuple) and command[0] == "abort":
-            request_id = command[1]
-            if self.engine.abort(request_id):
+        elif isinstance(command, _Abort):
+            if self.engine.abort(command.request_id):
                 self._stats = self.engine.stats()
-            self._streams.pop(request_id, None)
+            self._streams.pop(command.request_id, None)
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException, done: bool) -> None:
-        stream = self._streams.pop(request_id, None) if done else self._streams.get(request_id)
-        if stream is not None:
-            loop, outputs = stream
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        self._send({output.request_id: output for output in outputs})
+
+    def _send(self, items: dict[str, RequestOutput | BaseException]) -> None:
+        """Hand each item to its request's queue: one thread-safe callback per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items.items():
+            done = isinstance(item, BaseException) or item.finished
+            stream = self._streams.pop(request_id, None) if done else self._streams.get(request_id)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the caller's loop is closed: nobody is listening
-                self.engine.abort(request_id)
+                for outputs, item in batch:
+                    if isinstance(item, RequestOutput) and not item.finished:
+                        self.engine.abort(item.request_id)
+
+    def _refuse_queued(self) -> None:
+        """Answer requests still in the command queue of a dead loop: they would otherwise wait forever."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._refuse(command)
+
+    def _refuse(self, command: _Add) -> None:
+        error = EngineDeadError(f"engine loop is not running: {self._error!r}")
+        try:
+            command.loop.call_soon_threadsafe(_set_future, command.accepted, error)
+        except RuntimeError:
+            pass
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for outputs, item in batch:
+        outputs.put_nowait(item)
 
 
 def _set_future(future: asyncio.Future, error: BaseException | None) -> None:

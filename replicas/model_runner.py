@@ -1,16 +1,16 @@
-"""Owns the model and the KV cache tensors; turns a scheduled step into one forward pass over a flattened batch."""
+"""Owns the model, the KV cache tensors and the persistent input batch; runs one forward pass per step."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import AutoConfig
 
 import kernels
 from replicas.config import EngineConfig, EngineConfigError
+from replicas.input_batch import InputBatch
 from replicas.models import load_model
 from replicas.models.layers import AttentionMetadata
 from replicas.scheduler import SchedulerOutput
@@ -75,8 +75,10 @@ class ModelRunner:
         )
         self.num_blocks = self._num_kv_blocks()
         shape = (self.num_blocks, config.block_size, first.num_kv_heads, first.head_dim)
-        self.key_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in attention_layers]
-        self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in attention_layers]
+        # NOTE: uninitialized, so a large cache costs no time and no resident memory until its blocks are written;
+        # the kernels never read a slot past a sequence's length (tests poison those slots with NaN).
+        self.key_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in attention_layers]
+        self.value_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in attention_layers]
         for layer, key_cache, value_cache in zip(attention_layers, self.key_caches, self.value_caches):
             layer.bind(self.backend, key_cache, value_cache)
         logger.info(
@@ -86,8 +88,9 @@ class ModelRunner:
             self.num_blocks * config.block_size,
             self.kv_spec.bytes_per_token,
             self.num_blocks * self.kv_spec.bytes_per_block / 1024**3,
-            self.backend.__name__,
+            self.backend.name,
         )
+        self.input_batch = InputBatch(config.max_num_seqs, self.max_model_len, config.block_size)
 
     @property
     def vocab_size(self) -> int:
@@ -127,35 +130,17 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logits_indices]).float()
 
     def _prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        block_size = self.config.block_size
-        num_seqs = len(output.scheduled)
-        token_chunks: list[list[int]] = []
-        q_lens = np.empty(num_seqs, dtype=np.int64)
-        seq_lens = np.empty(num_seqs, dtype=np.int64)
-        max_blocks = max(len(item.seq.block_table) for item in output.scheduled)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
-        for i, item in enumerate(output.scheduled):
-            seq, start = item.seq, item.seq.num_computed_tokens
-            token_chunks.append(seq.token_ids[start : start + item.num_new_tokens])
-            q_lens[i] = item.num_new_tokens
-            seq_lens[i] = start + item.num_new_tokens
-            block_tables[i, : len(seq.block_table)] = seq.block_table
-        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=query_start_loc[1:])
-        num_tokens = int(query_start_loc[-1])
-        # Position of every new token: its sequence's computed length plus its row within the sequence.
-        seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
-        positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
-        slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
-        samples = np.array([item.samples for item in output.scheduled], dtype=bool)
-        logits_indices = query_start_loc[1:][samples] - 1
-
+        inputs = self.input_batch.prepare(output)
         device = self.device
-        input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.int64, device=device)
         metadata = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(device),
-            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(device),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(device),
-            block_tables=torch.from_numpy(block_tables.astype(np.int32)).to(device),
+            slot_mapping=torch.from_numpy(inputs.slot_mapping).to(device),
+            query_start_loc=torch.from_numpy(inputs.query_start_loc.astype("int32")).to(device),
+            seq_lens=torch.from_numpy(inputs.seq_lens.astype("int32")).to(device),
+            block_tables=torch.from_numpy(inputs.block_tables.astype("int32")).to(device),
         )
-        return input_ids, torch.from_numpy(positions).to(device), metadata, torch.from_numpy(logits_indices).to(device)
+        return (
+            torch.from_numpy(inputs.input_ids).to(device),
+            torch.from_numpy(inputs.positions).to(device),
+            metadata,
+            torch.from_numpy(inputs.logits_indices).to(device),
+        )

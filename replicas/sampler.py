@@ -4,9 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from replicas.sequence import Sequence, TokenLogprobs
+from replicas.contract import TokenLogprobs
+from replicas.sampling_params import SamplingParams
+from replicas.sequence import Sequence
+
+# NOTE: with top-k/top-p/min-p, candidates come from a top-k of this width instead of a sort of the vocabulary; a
+# row whose kept set might reach past it (top-p mass or min-p threshold not reached within it) falls back to a sort.
+CANDIDATES = 256
+
+
+def rng_key(seed: int, index: int) -> int:
+    """The random stream of sample `index` of a request seeded with `seed`."""
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**64
+
+
+def seeded_uniforms(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """Uniforms in [0, 1) from a counter-based generator (SplitMix64 of key and counter).
+
+    A sample's draw for its k-th token depends on its key and k only: the same whatever else is in the batch, after
+    a preemption, or when the request resumes elsewhere from its tokens so far; and a whole batch draws at once.
+    """
+    with np.errstate(over="ignore"):
+        x = keys.astype(np.uint64) + (counters.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 @dataclass
@@ -16,9 +42,8 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples one token per row. Rows are sequences; a row's randomness comes from its own generator when its
-    request has a seed (so the same seed gives the same tokens whatever else is in the batch), else from the
-    engine's generator."""
+    """Samples one token per row. Rows are sequences; a seeded row draws from its own counter-based stream (so the
+    same seed gives the same tokens whatever else is in the batch), others from the engine's generator."""
 
     def __init__(self, seed: int, device: torch.device) -> None:
         self.generator = torch.Generator(device=device)
@@ -34,23 +59,14 @@ class Sampler:
         need_logprobs = [p.logprobs is not None or p.num_samples > p.n for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(need_logprobs) else None
 
-        token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)
-            probs = self._processed_probs(logits[rows], [params[i] for i in random_rows])
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; one draw per row per generator.
-            noise = torch.empty_like(probs)
-            unseeded = [j for j, i in enumerate(random_rows) if seqs[i].generator is None]
-            if unseeded:
-                noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-                    generator=self.generator
-                )
-            for j, i in enumerate(random_rows):
-                if seqs[i].generator is not None:
-                    noise[j].exponential_(generator=seqs[i].generator)
-            token_ids[rows] = (probs / noise).argmax(dim=-1)
-
+        if len(random_rows) == len(seqs):
+            token_ids = self._sample(logits, seqs)
+        else:
+            token_ids = logits.argmax(dim=-1)
+            if random_rows:
+                rows = torch.tensor(random_rows, device=logits.device)
+                token_ids[rows] = self._sample(logits[rows], [seqs[i] for i in random_rows])
         token_list = token_ids.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
         if raw_logprobs is not None:
@@ -59,43 +75,85 @@ class Sampler:
                     logprobs[i] = _token_logprobs(raw_logprobs[i], token_list[i], params[i].logprobs or 0)
         return SamplerOutput(token_list, logprobs)
 
-    @staticmethod
-    def _processed_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    def _uniforms(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+        uniforms = torch.rand(len(seqs), dtype=torch.float64, generator=self.generator, device=device)
+        seeded = [i for i, seq in enumerate(seqs) if seq.rng_key is not None]
+        if seeded:
+            keys = np.array([seqs[i].rng_key for i in seeded], dtype=np.uint64)
+            counters = np.array([seqs[i].num_output_tokens for i in seeded], dtype=np.uint64)
+            uniforms[torch.tensor(seeded, device=device)] = torch.from_numpy(seeded_uniforms(keys, counters)).to(device)
+        return uniforms
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Inverse-CDF sampling of each row's processed distribution, with one uniform per row."""
+        params = [seq.params for seq in seqs]
         temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
-        logits = logits / temperatures[:, None]
-        top_ks = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
-        top_ps = [p.top_p for p in params]
-        if any(k < logits.shape[1] for k in top_ks) or any(p < 1.0 for p in top_ps):
-            logits = apply_top_k_top_p(
-                logits,
-                torch.tensor(top_ks, device=logits.device),
-                torch.tensor(top_ps, dtype=logits.dtype, device=logits.device),
-            )
-        probs = torch.softmax(logits, dim=-1)
-        min_ps = [p.min_p for p in params]
-        if any(min_ps):
-            min_p = torch.tensor(min_ps, dtype=probs.dtype, device=probs.device)
-            probs = apply_min_p(probs, min_p)
-        return probs
+        probs = torch.softmax(logits / temperatures[:, None], dim=-1)
+        uniforms = self._uniforms(seqs, logits.device)
+        truncated = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0]
+        if not truncated:
+            return _inverse_cdf(probs, uniforms)
+        if len(truncated) == len(seqs):
+            return _sample_truncated(probs, uniforms, params)
+        token_ids = _inverse_cdf(probs, uniforms)
+        rows = torch.tensor(truncated, device=logits.device)
+        token_ids[rows] = _sample_truncated(probs[rows], uniforms[rows], [params[i] for i in truncated])
+        return token_ids
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top-k, then outside the smallest set whose probability reaches top-p."""
-    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1], device=logits.device)
-    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    # Keep a token while the mass strictly before it is below top_p (the top token is always kept).
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, sorted_index, sorted_logits)
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first column where the cumulative probability exceeds `uniform` x the row's total."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    targets = uniforms * cdf[:, -1]
+    return torch.searchsorted(cdf, targets[:, None], right=True).clamp_(max=probs.shape[1] - 1).squeeze(1)
 
 
-def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens less likely than `min_p` times the most likely one, and renormalize."""
-    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-    probs = probs.masked_fill(probs < threshold, 0.0)
-    return probs / probs.sum(dim=-1, keepdim=True)
+def _sample_truncated(probs: torch.Tensor, uniforms: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab_size = probs.shape[1]
+    device = probs.device
+    top_ks = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], device=device)
+    top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device)
+    min_ps = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
+    width = min(vocab_size, max(CANDIDATES, max(p.top_k for p in params)))
+    sorted_probs, sorted_ids = probs.topk(width, dim=-1)
+    if width < vocab_size:
+        within = (top_ks <= width) | (sorted_probs.sum(dim=-1) >= top_ps)
+        within |= (min_ps > 0) & (sorted_probs[:, -1] < sorted_probs[:, 0] * min_ps)
+        if not bool(within.all()):
+            sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    cdf = sorted_probs.cumsum(dim=-1, dtype=torch.float64)
+    num_kept = kept_counts(sorted_probs, cdf, top_ks, top_ps, min_ps, vocab_size)
+    # The kept tokens are a prefix of the sorted candidates: sample within it.
+    targets = uniforms * cdf.gather(1, (num_kept - 1)[:, None]).squeeze(1)
+    positions = torch.searchsorted(cdf, targets[:, None], right=True).squeeze(1)
+    positions = torch.minimum(positions, num_kept - 1)
+    return sorted_ids.gather(1, positions[:, None]).squeeze(1)
+
+
+def kept_counts(
+    sorted_probs: torch.Tensor,
+    cdf: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
+    """How many of each row's most likely tokens survive top-k, then top-p over the top-k renormalized, then
+    min-p. `sorted_probs` are the row's candidates, descending (a prefix of the vocabulary's order), `cdf` their
+    running sum in float64. Each filter keeps a prefix, so the survivors are the first `count` candidates."""
+    width = sorted_probs.shape[1]
+    num_kept = top_k.clamp(max=width)
+    # The top-k set's mass: all of it when top-k is off (the candidates may be only a prefix of the vocabulary).
+    k_mass = torch.where(top_k < vocab_size, cdf.gather(1, (num_kept - 1)[:, None]).squeeze(1), 1.0)
+    if bool((top_p < 1.0).any()):
+        # Keep a token while the mass strictly before it is below top_p (the top token is always kept).
+        mass_before = (cdf - sorted_probs).contiguous()
+        by_p = torch.searchsorted(mass_before, (top_p * k_mass)[:, None].contiguous()).squeeze(1)
+        num_kept = torch.minimum(num_kept, by_p.clamp(min=1))
+    if bool((min_p > 0).any()):
+        by_min_p = (sorted_probs >= sorted_probs[:, :1] * min_p[:, None]).sum(dim=-1)
+        num_kept = torch.minimum(num_kept, by_min_p)
+    return num_kept
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each computes."""
+"""Continuous batching: which sequences run in the next step and how many tokens each computes, and the
+bookkeeping after the step (computed tokens, new tokens, token-level stops, finished sequences)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int  # tokens whose K/V this step computes, starting at seq.num_computed_tokens
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the sequence and so produces its next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    # Whether this step reaches the end of the sequence and so produces its next token (set when scheduled).
+    produces_token: bool = False
+
+    def __post_init__(self) -> None:
+        self.produces_token = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -32,6 +34,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Sequences that stopped running since the previous step (finished, aborted or preempted): the model runner
+    # gives back their rows of the persistent batch.
+    released_seq_ids: list[int] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -43,7 +48,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """FCFS continuous batching over a token budget.
+    """Continuous batching over a token budget, admitting by the configured policy (fcfs, priority or fair).
 
     Each step first keeps every running sequence going (one token for a decode, the next chunk for a prompt
     being prefilled), then admits waiting sequences while `max_num_seqs`, the token budget and free blocks allow.
@@ -59,22 +64,26 @@ class Scheduler:
         max_num_batched_tokens: int,
         policy: SchedulingPolicy = "fcfs",
         long_prefill_token_threshold: int = 256,
+        eos_token_ids: frozenset[int] = frozenset(),
+        max_model_len: int | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.released_seq_ids: list[int] = []
+        self.num_prompt_tokens = 0  # prompt tokens computed so far (prefix hits excluded)
+        self.num_generation_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
@@ -108,7 +117,7 @@ class Scheduler:
                 break
             prefix_block_ids = self.block_manager.lookup_prefix(seq)
             if in_flight is not None:
-                hashes = self.block_manager.full_block_hashes(seq)
+                hashes = self.block_manager.block_hashes(seq)
                 if len(prefix_block_ids) < len(hashes) and hashes[len(prefix_block_ids)] in in_flight:
                     # Its next block is being prefilled for another sequence right now: wait a step or two and
                     # reuse it instead of computing the same prefix twice (requests sharing a system prompt
@@ -121,7 +130,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            seq.num_prefix_cached_tokens = num_cached_tokens
+            seq.num_cached_tokens = num_cached_tokens
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
@@ -135,6 +144,8 @@ class Scheduler:
             budget = self._extend_capped_prefills(output, budget)
 
         output.blocks_to_copy = self.block_manager.take_pending_copies()
+        if output.scheduled:  # an empty step is not run: its releases wait for the next one
+            output.released_seq_ids, self.released_seq_ids = self.released_seq_ids, []
         return output
 
     def _admission_key(self, seq: Sequence) -> tuple:
@@ -177,8 +188,45 @@ class Scheduler:
         in_flight: set[bytes] = set()
         for seq in self.running:
             if seq.is_prefilling:
-                in_flight.update(self.block_manager.full_block_hashes(seq)[len(seq.block_hashes) :])
+                in_flight.update(self.block_manager.block_hashes(seq)[seq.num_registered_blocks :])
         return in_flight
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_seqs: list[Sequence], sampled_token_ids: list[int]
+    ) -> list[Sequence]:
+        """After a step: account for the K/V it computed, append each sampled token, and finish sequences that hit
+        EOS, a stop token, `max_tokens` or the context length. Returns the sequences finished now."""
+        block_manager = self.block_manager
+        for item in output.scheduled:
+            seq = item.seq
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.num_prompt_tokens += min(item.num_new_tokens, seq.num_prompt_tokens - seq.num_computed_tokens)
+            block_manager.advance(seq, item.num_new_tokens)
+            block_manager.cache_full_blocks(seq)
+        self.num_generation_tokens += len(sampled_seqs)
+        finished: list[Sequence] = []
+        for seq, token_id in zip(sampled_seqs, sampled_token_ids):
+            seq.token_ids.append(token_id)
+            reason = self._token_stop(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _token_stop(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token_id in self.eos_token_ids and not params.ignore_eos:
+                return "stop"
+            if token_id in params.stop_token_ids:
+                seq.stop_reason = token_id
+                return "stop"
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len
+        if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or (
+            self.max_model_len is not None and seq.num_tokens >= self.max_model_len
+        ):
+            return "length"
+        return None
 
     def add_forked(self, parent: Sequence, child: Sequence) -> None:
         """Run `child` right after `parent`, sharing its blocks."""
@@ -195,10 +243,12 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.block_manager.free(seq)
+        self.released_seq_ids.append(seq.seq_id)
 
     def _preempt(self, seq: Sequence) -> None:
         logger.debug("preempting %s (seq %d): out of KV blocks", seq.request_id, seq.seq_id)
         self.block_manager.free(seq)
+        self.released_seq_ids.append(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -1,4 +1,4 @@
-"""The per-sequence record shared by the scheduler, block manager, model runner and sampler."""
+"""The per-sequence record the scheduler, block manager and model runner share: tokens, KV state, status."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from replicas.contract import TokenLogprobs
 from replicas.sampling_params import SamplingParams
 
 
@@ -20,7 +17,9 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """One stream of tokens: a prompt plus the tokens sampled after it. `n > 1` requests fork several."""
+    """One stream of tokens: a prompt plus the tokens sampled after it. `n > 1` requests fork several.
+
+    What the caller sees of it (text, logprobs, what was already reported) is the output processor's."""
 
     seq_id: int
     request_id: str
@@ -28,36 +27,20 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
+    rng_key: int | None = None  # seeded requests: the key of this sample's random stream (see sampler.py)
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower runs first under the priority and fair policies
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
-    num_prefix_cached_tokens: int = 0  # prompt tokens found in the prefix cache at the last admission
-    block_hashes: list[bytes] = field(default_factory=list)  # hashes of the leading full, registered blocks
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at the last admission
+    # Chained hashes of the leading full blocks of `token_ids`, each computed once (block_manager extends it).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks registered in (or taken from) the prefix cache
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    generator: torch.Generator | None = None
-    cumulative_logprob: float = 0.0
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    # Incremental detokenization state.
-    text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
-    # What has been reported to the caller (for delta outputs).
-    num_emitted_tokens: int = 0
-    num_emitted_chars: int = 0
-    num_emitted_logprobs: int = 0
-    finish_reported: bool = False
-    # Timestamps (monotonic seconds) for metrics.
     first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
     num_preemptions: int = 0
-
-    def __post_init__(self) -> None:
-        self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
-        self.read_offset = self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -72,10 +55,6 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
@@ -83,22 +62,22 @@ class Sequence:
     def is_prefilling(self) -> bool:
         return self.num_computed_tokens < self.num_tokens - 1
 
-    def fork(self, seq_id: int, index: int, generator: torch.Generator | None) -> "Sequence":
+    def fork(self, seq_id: int, index: int, rng_key: int | None) -> Sequence:
         """A sibling with the same tokens and computed state; the caller makes it share the KV blocks."""
-        child = Sequence(
+        return Sequence(
             seq_id=seq_id,
             request_id=self.request_id,
             index=index,
             token_ids=list(self.token_ids),
             num_prompt_tokens=self.num_prompt_tokens,
             params=self.params,
+            rng_key=rng_key,
             arrival_time=self.arrival_time,
             priority=self.priority,
             status=self.status,
             num_computed_tokens=self.num_computed_tokens,
-            num_prefix_cached_tokens=self.num_prefix_cached_tokens,
+            num_cached_tokens=self.num_cached_tokens,
             block_hashes=list(self.block_hashes),
-            generator=generator,
+            num_registered_blocks=self.num_registered_blocks,
             first_scheduled_time=self.first_scheduled_time,
         )
-        return child

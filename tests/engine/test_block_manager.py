@@ -41,7 +41,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             writers = [s for s in self.live if s is not seq and block_id in s.block_table]
             assert not writers, f"block {block_id} written while shared with {[s.seq_id for s in writers]}"
             self.slots[block_id * BLOCK_SIZE + position % BLOCK_SIZE] = (seq.token_ids[position], position)
-        seq.num_computed_tokens += num_new
+        self.manager.advance(seq, num_new)
         self.manager.cache_full_blocks(seq)
 
     @rule(length=st.integers(1, 20), shared_prefix=st.booleans(), data=st.data())
@@ -98,16 +98,28 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq in self.live:
             for block_id in seq.block_table:
                 counts[block_id] += 1
-        assert [block.ref_count for block in self.manager.blocks] == counts
+        made = len(self.manager.blocks)  # blocks are made on first use; the rest have never been referenced
+        assert [block.ref_count for block in self.manager.blocks] == counts[:made]
+        assert not any(counts[made:])
 
     @invariant()
     def free_plus_used_is_total(self) -> None:
+        manager = self.manager
         used = {block_id for seq in self.live for block_id in seq.block_table}
-        free = set(self.manager.free_block_ids)
+        free = set(manager.free_block_ids) | set(range(len(manager.blocks), NUM_BLOCKS))
         assert not used & free
-        assert len(used) + len(free) == NUM_BLOCKS
-        cached = self.manager.num_cached_free_blocks
-        assert (len(free) - cached) + len(used) + cached == NUM_BLOCKS
+        assert len(used) + len(free) == NUM_BLOCKS == len(used) + manager.num_free_blocks
+        hashed_free = sum(1 for block_id in manager.free_block_ids if manager.blocks[block_id].block_hash is not None)
+        assert manager.num_cached_free_blocks == hashed_free
+
+    @invariant()
+    def live_slots_count_each_shared_block_once(self) -> None:
+        filled: dict[int, int] = {}
+        for seq in self.live:
+            for block_index, block_id in enumerate(seq.block_table):
+                fill = min(BLOCK_SIZE, seq.num_computed_tokens - block_index * BLOCK_SIZE)
+                filled[block_id] = max(filled.get(block_id, 0), fill)
+        assert self.manager.num_live_slots == sum(filled.values())
 
     @invariant()
     def tables_cover_computed_tokens(self) -> None:
@@ -177,9 +189,10 @@ def _computed(manager: BlockManager, seq: Sequence) -> Sequence:
 
 
 def test_forced_hash_collisions_never_alias_different_tokens(monkeypatch) -> None:
-    import replicas.block_manager as block_manager
+    import replicas.contract as contract
 
-    monkeypatch.setattr(block_manager, "hash_block_tokens", lambda parent, tokens: b"same")
+    # Every block hashes alike: the prefix cache and the router's affinity share this one hash function.
+    monkeypatch.setattr(contract, "hash_block_tokens", lambda parent, tokens: b"same")
     manager = BlockManager(8, BLOCK_SIZE)
     a = _computed(manager, make_seq(0, [1, 1, 1, 1, 5]))
     assert manager.lookup_prefix(make_seq(1, [2, 2, 2, 2, 5])) == []
@@ -189,9 +202,9 @@ def test_forced_hash_collisions_never_alias_different_tokens(monkeypatch) -> Non
 def test_a_block_matched_under_another_parent_is_not_reused(monkeypatch) -> None:
     """A hash that ignores the parent makes [3333] after [1111] collide with [3333] after [2222]: its K/V was
     computed after [1111], so the parent link must refuse it."""
-    import replicas.block_manager as block_manager
+    import replicas.contract as contract
 
-    monkeypatch.setattr(block_manager, "hash_block_tokens", lambda parent, tokens: bytes(tokens))
+    monkeypatch.setattr(contract, "hash_block_tokens", lambda parent, tokens: bytes(tokens))
     manager = BlockManager(8, BLOCK_SIZE)
     a = _computed(manager, make_seq(0, [1, 1, 1, 1, 3, 3, 3, 3, 0]))
     d = _computed(manager, make_seq(1, [2, 2, 2, 2, 3, 3, 3, 3, 0]))

@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from replicas import LLMEngine, SamplingParams
 from replicas.block_manager import BlockManager
+from replicas.input_batch import InputBatch
 from replicas.scheduler import Scheduler
 from replicas.sequence import SequenceStatus
 from tests.engine.helpers import make_engine, random_prompts
@@ -25,7 +26,7 @@ from tests.engine.test_block_manager import BlockManagerMachine
 
 BLOCK_SIZE = 4
 TINY_BLOCK_BYTES = 2 * 2 * 2 * 16 * 4 * BLOCK_SIZE  # layers x kv heads x head_dim x fp32 x block_size, K and V
-NUM_BLOCKS = 20  # a few requests fill it: preemption is common
+NUM_BLOCKS = 16  # a few requests fill it (one max_model_len sequence takes all): preemption is common
 MAX_MODEL_LEN = 64
 MAX_NUM_SEQS = 4
 MAX_NUM_BATCHED_TOKENS = 24  # prompts and recomputations after preemption are prefilled in chunks
@@ -87,7 +88,9 @@ class EngineMachine(RuleBasedStateMachine):
         # NOTE: fresh bookkeeping (an empty prefix cache) for each example: hypothesis replays examples and needs
         # each one to behave the same every time. The model and its KV tensors are reused.
         self.engine.block_manager = BlockManager(NUM_BLOCKS, BLOCK_SIZE, enable_prefix_caching=True)
-        self.engine.scheduler = Scheduler(self.engine.block_manager, MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS)
+        self.engine.scheduler = Scheduler(self.engine.block_manager, MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS,
+                                          eos_token_ids=self.engine.eos_token_ids, max_model_len=MAX_MODEL_LEN)
+        self.engine.model_runner.input_batch = InputBatch(MAX_NUM_SEQS, MAX_MODEL_LEN, BLOCK_SIZE)
         self.submitted: dict[str, tuple[list[int], int, int]] = {}  # id -> prompt, max_tokens, n
         self.finished: dict[str, list[list[int]]] = {}
         self.aborted: set[str] = set()
@@ -137,10 +140,13 @@ class EngineMachine(RuleBasedStateMachine):
         for seq in live:
             for block_id in seq.block_table:
                 counts[block_id] += 1
-        assert [block.ref_count for block in manager.blocks] == counts
+        made = len(manager.blocks)  # blocks are made on first use
+        assert [block.ref_count for block in manager.blocks] == counts[:made] and not any(counts[made:])
         used = {block_id for seq in live for block_id in seq.block_table}
         assert not used & set(manager.free_block_ids)
         assert len(used) + manager.num_free_blocks == manager.num_total_blocks
+        hashed_free = sum(1 for block_id in manager.free_block_ids if manager.blocks[block_id].block_hash is not None)
+        assert manager.num_cached_free_blocks == hashed_free
         for block_hash, block_id in manager.cached_block_ids.items():
             assert manager.blocks[block_id].block_hash == block_hash
 

@@ -3,41 +3,75 @@
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from pathlib import Path
 
 import pytest
 import torch
 
 from replicas import SamplingParams
-from replicas.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
+from replicas.sampler import Sampler, apply_penalties, kept_counts, rng_key, seeded_uniforms
 from replicas.sequence import Sequence
 from tests.engine.helpers import make_engine, random_prompts, run_to_completion
 
 
-def seq_with(params: SamplingParams, generator: torch.Generator | None = None) -> Sequence:
-    return Sequence(0, "r", 0, [1, 2, 3], 3, params, generator=generator)
+def seq_with(params: SamplingParams, key: int | None = None) -> Sequence:
+    return Sequence(0, "r", 0, [1, 2, 3], 3, params, rng_key=key)
+
+
+def kept(probs: list[float], top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> list[bool]:
+    """Which tokens of `probs` (any order) survive, by the sampler's count over the sorted candidates."""
+    sorted_probs, order = torch.tensor([probs]).sort(dim=-1, descending=True)
+    cdf = sorted_probs.cumsum(dim=-1, dtype=torch.float64)
+    (count,) = kept_counts(sorted_probs, cdf, torch.tensor([top_k or len(probs)]),
+                           torch.tensor([top_p], dtype=torch.float64), torch.tensor([min_p]), len(probs)).tolist()  # fmt: skip
+    result = [False] * len(probs)
+    for position, token in enumerate(order[0].tolist()):
+        result[token] = position < count
+    return result
 
 
 def test_top_k_keeps_exactly_the_k_most_likely_tokens() -> None:
-    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
-    masked = apply_top_k_top_p(logits, torch.tensor([2]), torch.tensor([1.0]))
-    assert torch.isfinite(masked).tolist() == [[False, True, False, True]]
+    assert kept([0.1, 0.4, 0.2, 0.3], top_k=2) == [False, True, False, True]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
-    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
     # 0.4 + 0.3 = 0.7 < 0.75, so the 0.2 token is needed too; 0.1 is not.
-    masked = apply_top_k_top_p(logits, torch.tensor([4]), torch.tensor([0.75]))
-    assert torch.isfinite(masked).tolist() == [[False, True, True, True]]
-    masked = apply_top_k_top_p(logits, torch.tensor([4]), torch.tensor([0.4]))
-    assert torch.isfinite(masked).tolist() == [[False, True, False, False]]
+    assert kept([0.1, 0.4, 0.2, 0.3], top_p=0.75) == [False, True, True, True]
+    assert kept([0.1, 0.4, 0.2, 0.3], top_p=0.4) == [False, True, False, False]
+
+
+def test_top_p_applies_to_the_top_k_renormalized() -> None:
+    # Within the top 2 (0.4, 0.3 -> 4/7, 3/7), top-p 0.5 keeps only the first.
+    assert kept([0.1, 0.4, 0.2, 0.3], top_k=2, top_p=0.5) == [False, True, False, False]
 
 
 def test_min_p_drops_tokens_below_the_fraction_of_the_top_probability() -> None:
-    probs = torch.tensor([[0.05, 0.5, 0.2, 0.25]])
-    kept = apply_min_p(probs, torch.tensor([0.45]))  # threshold 0.225
-    assert (kept > 0).tolist() == [[False, True, False, True]]
-    assert math.isclose(float(kept.sum()), 1.0, rel_tol=1e-6)
+    assert kept([0.05, 0.5, 0.2, 0.25], min_p=0.45) == [False, True, False, True]  # threshold 0.225
+
+
+def test_truncated_sampling_over_a_large_vocabulary_matches_the_kept_distribution() -> None:
+    """Candidates come from a top-k narrower than the vocabulary; a top-p reaching past it must still be exact."""
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    vocab_size = 2000
+    probs = torch.full((vocab_size,), 0.5 / (vocab_size - 2))
+    probs[7], probs[11] = 0.3, 0.2  # two likely tokens, then a flat tail holding half the mass
+    logits = torch.log(probs)[None, :].repeat(3000, 1)
+    tokens = torch.tensor(sampler(logits, [seq_with(SamplingParams(top_p=0.4)) for _ in range(3000)]).token_ids)
+    assert set(tokens.tolist()) <= {7, 11} and abs(float((tokens == 7).float().mean()) - 0.6) < 0.04
+    tokens = torch.tensor(sampler(logits, [seq_with(SamplingParams(top_p=0.9)) for _ in range(3000)]).token_ids)
+    in_tail = (tokens != 7) & (tokens != 11)
+    assert abs(float(in_tail.float().mean()) - 0.4 / 0.9) < 0.04  # the tail is sampled, beyond any top-k width
+
+
+def test_seeded_uniforms_depend_on_key_and_position_only() -> None:
+    keys = np.array([rng_key(42, 0), rng_key(42, 1), rng_key(42, 0)], dtype=np.uint64)
+    draws = seeded_uniforms(keys, np.array([0, 0, 1], dtype=np.uint64))
+    assert draws[0] != draws[1] and draws[0] != draws[2]
+    assert seeded_uniforms(keys[:1], np.array([0], dtype=np.uint64))[0] == draws[0]
+    uniforms = seeded_uniforms(np.full(20000, rng_key(7, 0), dtype=np.uint64), np.arange(20000, dtype=np.uint64))
+    assert ((uniforms >= 0) & (uniforms < 1)).all() and abs(uniforms.mean() - 0.5) < 0.01
 
 
 def test_sampling_follows_the_distribution() -> None:
@@ -60,14 +94,14 @@ def test_greedy_rows_take_the_argmax_even_beside_random_rows() -> None:
 def test_a_seeded_row_draws_the_same_tokens_whatever_else_is_in_the_batch() -> None:
     def draw(batch_size: int) -> list[int]:
         sampler = Sampler(seed=batch_size, device=torch.device("cpu"))
-        generator = torch.Generator().manual_seed(1234)
-        seeded = seq_with(SamplingParams(temperature=1.0, seed=1234), generator)
+        seeded = seq_with(SamplingParams(temperature=1.0, seed=1234), rng_key(1234, 0))
         others = [seq_with(SamplingParams(temperature=1.0)) for _ in range(batch_size)]
         target_row = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
         logits = torch.cat([torch.randn(batch_size, 50), target_row])
         tokens = []
         for _ in range(20):
             tokens.append(sampler(logits, others + [seeded]).token_ids[-1])
+            seeded.token_ids.append(tokens[-1])  # the next draw is the stream's next position
         return tokens
 
     assert draw(0) == draw(5) == draw(17)

@@ -1,0 +1,89 @@
+"""The persistent batch: each running sequence's token ids and block table in a row of preallocated arrays, kept
+across steps and updated in place, so preparing a step costs what changed, not what exists (vLLM V1's idea)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from replicas.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepInputs:
+    """One step's flattened batch, as numpy arrays (the model runner moves them to the device)."""
+
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T]
+    query_start_loc: np.ndarray  # [S + 1]
+    seq_lens: np.ndarray  # [S]
+    block_tables: np.ndarray  # [S, max_blocks]
+    logits_indices: np.ndarray  # [R] last token row of each sequence that produces a token
+
+
+class InputBatch:
+    """Rows of token ids and block ids per sequence. A row is taken when a sequence is first scheduled and given
+    back when the scheduler reports it finished or preempted; in between only new tokens and blocks are copied."""
+
+    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int) -> None:
+        self.block_size = block_size
+        max_blocks = -(-max_model_len // block_size)
+        self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int64)
+        self.block_table = np.zeros((max_num_seqs, max_blocks), dtype=np.int64)
+        self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)  # leading tokens of the row that are current
+        self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)
+        self.row_of_seq: dict[int, int] = {}
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+
+    def release(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            row = self.row_of_seq.pop(seq_id, None)
+            if row is not None:
+                self.free_rows.append(row)
+
+    def prepare(self, output: SchedulerOutput) -> StepInputs:
+        self.release(output.released_seq_ids)
+        block_size = self.block_size
+        num_seqs = len(output.scheduled)
+        rows = np.empty(num_seqs, dtype=np.int64)
+        q_lens = np.empty(num_seqs, dtype=np.int64)
+        seq_lens = np.empty(num_seqs, dtype=np.int64)
+        produces_token = np.empty(num_seqs, dtype=bool)
+        for i, item in enumerate(output.scheduled):
+            seq = item.seq
+            row = self.row_of_seq.get(seq.seq_id)
+            if row is None:
+                row = self.row_of_seq[seq.seq_id] = self.free_rows.pop()
+                self.num_tokens[row] = self.num_blocks[row] = 0
+            end = seq.num_computed_tokens + item.num_new_tokens
+            have = int(self.num_tokens[row])
+            if have < end:
+                self.token_ids[row, have:end] = seq.token_ids[have:end]
+                self.num_tokens[row] = end
+            # NOTE: copy-on-write may have replaced the block being written, so it is copied again too.
+            first = min(int(self.num_blocks[row]), seq.num_computed_tokens // block_size)
+            table = seq.block_table
+            if first < len(table):
+                self.block_table[row, first : len(table)] = table[first:]
+            self.num_blocks[row] = len(table)
+            rows[i], q_lens[i], seq_lens[i], produces_token[i] = row, item.num_new_tokens, end, item.produces_token
+
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        # Position of every new token: its sequence's computed length plus its row within the sequence.
+        seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
+        positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
+        block_tables = self.block_table[rows, : int(self.num_blocks[rows].max())]
+        slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        return StepInputs(
+            input_ids=self.token_ids[rows[seq_of_token], positions],
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            logits_indices=query_start_loc[1:][produces_token] - 1,
+        )
