@@ -36,14 +36,16 @@ PROMPT_LEN = 32
 VOCAB_SIZE = 2048
 
 
-def build_model(directory: Path, initializer_range: float = 0.02) -> Path:
-    """A seeded random 1-layer Llama. At transformers' default init (0.02) its next-token distributions are nearly
+def build_model(
+    directory: Path, initializer_range: float = 0.02, num_layers: int = 1, vocab_size: int = VOCAB_SIZE
+) -> Path:
+    """A seeded random Llama (1 layer by default). At transformers' default init (0.02) its next-token distributions are nearly
     flat (the sampler's worst case: top-p 0.9 spans most of the vocabulary); at 0.3 they are peaked like a trained
     model's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
                          initializer_range=initializer_range)  # fmt: skip

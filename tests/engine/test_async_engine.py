@@ -93,3 +93,42 @@ def test_concurrent_requests_are_batched_together(async_engine: AsyncEngine) -> 
         return counts
 
     assert asyncio.run(run_all()) == [10] * 8
+
+
+def test_a_request_queued_while_the_engine_loop_dies_is_answered(tiny_llama_dir: Path) -> None:
+    """A request sent while the loop is going down (its command still queued) gets EngineDeadError, not a hang."""
+    import threading
+
+    from replicas import EngineDeadError
+
+    engine = make_engine(tiny_llama_dir)
+    in_step, release = threading.Event(), threading.Event()
+
+    def dying_step():
+        in_step.set()
+        release.wait(30)
+        raise RuntimeError("simulated crash outside the step's own error handling")
+
+    engine.step = dying_step
+    async_engine = AsyncEngine(engine)
+
+    async def scenario() -> tuple[BaseException | None, BaseException | None]:
+        async def consume(request_id: str) -> BaseException | None:
+            try:
+                async for _ in async_engine.generate(request_id, random_prompts(1, 5, 5, seed=2)[0], greedy(4)):
+                    pass
+            except EngineDeadError as error:
+                return error
+            return None
+
+        first = asyncio.create_task(consume("running"))
+        await wait_for(in_step.is_set)
+        queued = asyncio.create_task(consume("queued"))  # the loop is inside the step: this command waits
+        await asyncio.sleep(0.1)
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(first, queued), timeout=30)
+
+    running_error, queued_error = asyncio.run(scenario())
+    assert isinstance(running_error, EngineDeadError) and isinstance(queued_error, EngineDeadError)
+    assert not async_engine.is_alive
+    async_engine.shutdown()
