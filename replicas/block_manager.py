@@ -143,8 +143,17 @@ class BlockManager:
         changes nothing when there are not enough free blocks. A shared block about to be written is copied first
         (the copy is queued in `pending_copies` for the model runner).
         """
-        prefix_block_ids = prefix_block_ids or []
         block_size = self.block_size
+        if not prefix_block_ids and seq.block_table:
+            # NOTE: the common case (a decode or a prompt chunk within its blocks, none shared at the write
+            # position) needs no new block, no copy, no accounting: answered without the general path.
+            num_computed = seq.num_computed_tokens
+            write_index = num_computed // block_size
+            if num_computed + num_new_tokens <= len(seq.block_table) * block_size and (
+                num_computed % block_size == 0 or self.blocks[seq.block_table[write_index]].ref_count == 1
+            ):
+                return True
+        prefix_block_ids = prefix_block_ids or []
         num_computed = seq.num_computed_tokens + len(prefix_block_ids) * block_size
         num_blocks_after = self.blocks_needed(num_computed + num_new_tokens)
         if self.reserve_tokens_per_seq is not None and not seq.block_table:

@@ -120,7 +120,7 @@ class RoutingStats:
 # --- request outputs (the shapes vLLM users know) -------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprobs:
     """Logprob of a sampled token and of the most likely alternatives at that position."""
 
@@ -130,7 +130,7 @@ class TokenLogprobs:
     top: dict[int, float]
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
@@ -145,7 +145,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestMetrics:
     """When a request passed each stage (monotonic seconds), as vLLM's `RequestOutput.metrics`; None: not yet.
 
@@ -159,7 +159,7 @@ class RequestMetrics:
     last_token_time: float | None = None  # at the end of a request: when its last token was sampled
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

@@ -178,8 +178,9 @@ class LLMEngine:
         return sampled_seqs, logits_rows
 
     def _output(self, request: Request) -> RequestOutput | None:
-        output = self.output_processor.make_output(request)
-        if request.finished:
+        finished = request.finished
+        output = self.output_processor.make_output(request, finished)
+        if finished:
             self.requests.pop(request.request_id, None)
             self.output_processor.remove(request)
             self.num_requests_finished += 1

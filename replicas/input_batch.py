@@ -32,8 +32,9 @@ class InputBatch:
         max_blocks = -(-max_model_len // block_size)
         self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int64)
         self.block_table = np.zeros((max_num_seqs, max_blocks), dtype=np.int64)
-        self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)  # leading tokens of the row that are current
-        self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)
+        # Python lists, not arrays: read and written per sequence per step, where numpy scalars are slow.
+        self.num_tokens = [0] * max_num_seqs  # leading tokens of the row that are current
+        self.num_blocks = [0] * max_num_seqs
         self.row_of_seq: dict[int, int] = {}
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
 
@@ -47,28 +48,42 @@ class InputBatch:
         self.release(output.released_seq_ids)
         block_size = self.block_size
         num_seqs = len(output.scheduled)
-        rows = np.empty(num_seqs, dtype=np.int64)
-        q_lens = np.empty(num_seqs, dtype=np.int64)
-        seq_lens = np.empty(num_seqs, dtype=np.int64)
-        produces_token = np.empty(num_seqs, dtype=bool)
-        for i, item in enumerate(output.scheduled):
+        rows_list: list[int] = []
+        q_lens_list: list[int] = []
+        seq_lens_list: list[int] = []
+        produces_list: list[bool] = []
+        num_tokens, num_blocks = self.num_tokens, self.num_blocks
+        for item in output.scheduled:
             seq = item.seq
             row = self.row_of_seq.get(seq.seq_id)
             if row is None:
                 row = self.row_of_seq[seq.seq_id] = self.free_rows.pop()
-                self.num_tokens[row] = self.num_blocks[row] = 0
+                num_tokens[row] = num_blocks[row] = 0
             end = seq.num_computed_tokens + item.num_new_tokens
-            have = int(self.num_tokens[row])
+            have = num_tokens[row]
             if have < end:
-                self.token_ids[row, have:end] = seq.token_ids[have:end]
-                self.num_tokens[row] = end
+                if end - have == 1:
+                    self.token_ids[row, have] = seq.token_ids[have]
+                else:
+                    self.token_ids[row, have:end] = seq.token_ids[have:end]
+                num_tokens[row] = end
             # NOTE: copy-on-write may have replaced the block being written, so it is copied again too.
-            first = min(int(self.num_blocks[row]), seq.num_computed_tokens // block_size)
             table = seq.block_table
+            first = min(num_blocks[row], seq.num_computed_tokens // block_size)
             if first < len(table):
-                self.block_table[row, first : len(table)] = table[first:]
-            self.num_blocks[row] = len(table)
-            rows[i], q_lens[i], seq_lens[i], produces_token[i] = row, item.num_new_tokens, end, item.produces_token
+                if len(table) - first == 1:
+                    self.block_table[row, first] = table[first]
+                else:
+                    self.block_table[row, first : len(table)] = table[first:]
+            num_blocks[row] = len(table)
+            rows_list.append(row)
+            q_lens_list.append(item.num_new_tokens)
+            seq_lens_list.append(end)
+            produces_list.append(item.produces_token)
+        rows = np.array(rows_list, dtype=np.int64)
+        q_lens = np.array(q_lens_list, dtype=np.int64)
+        seq_lens = np.array(seq_lens_list, dtype=np.int64)
+        produces_token = np.array(produces_list, dtype=bool)
 
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(q_lens, out=query_start_loc[1:])
@@ -76,7 +91,7 @@ class InputBatch:
         # Position of every new token: its sequence's computed length plus its row within the sequence.
         seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
         positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
-        block_tables = self.block_table[rows, : int(self.num_blocks[rows].max())]
+        block_tables = self.block_table[rows, : max(num_blocks[row] for row in rows_list)]
         slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
         return StepInputs(
             input_ids=self.token_ids[rows[seq_of_token], positions],

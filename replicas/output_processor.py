@@ -80,10 +80,9 @@ class OutputProcessor:
         seq.stop_reason = stop
         return True
 
-    def make_output(self, request: Request) -> RequestOutput | None:
+    def make_output(self, request: Request, finished: bool) -> RequestOutput | None:
         """The request's output now: deltas since the last one, or everything so far; None when there is nothing
         to report (best_of reports only at the end, when the n best are known)."""
-        finished = request.finished
         params = request.params
         if params.num_samples > params.n and not finished:
             return None

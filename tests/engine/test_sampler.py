@@ -65,6 +65,20 @@ def test_truncated_sampling_over_a_large_vocabulary_matches_the_kept_distributio
     assert abs(float(in_tail.float().mean()) - 0.4 / 0.9) < 0.04  # the tail is sampled, beyond any top-k width
 
 
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])  # flat, moderate and peaked distributions
+def test_top_p_thresholds_keep_the_same_tokens_as_sorting(scale: float) -> None:
+    from replicas.sampler import top_p_thresholds
+
+    generator = torch.Generator().manual_seed(int(scale * 100))
+    probs = torch.softmax(torch.randn(64, 3000, generator=generator) * scale, dim=-1)
+    top_p = torch.rand(64, generator=generator, dtype=torch.float64) * 0.98 + 0.01
+    thresholds = top_p_thresholds(probs, probs.max(dim=-1).values, top_p, max_in_bucket=3000)
+    sorted_probs, _ = probs.sort(dim=-1, descending=True)
+    cdf = sorted_probs.cumsum(dim=-1, dtype=torch.float64)
+    counts = kept_counts(sorted_probs, cdf, torch.full((64,), 3000), top_p, torch.zeros(64), 3000)
+    assert ((probs >= thresholds[:, None]).sum(dim=-1) == counts).all()
+
+
 def test_seeded_uniforms_depend_on_key_and_position_only() -> None:
     keys = np.array([rng_key(42, 0), rng_key(42, 1), rng_key(42, 0)], dtype=np.uint64)
     draws = seeded_uniforms(keys, np.array([0, 0, 1], dtype=np.uint64))
