@@ -207,14 +207,20 @@ def _build_plan(
     return plans
 
 
-def _length_buckets(members: list[int], lengths: list[int], ratio: float = 0.6, max_buckets: int = 4) -> list[list[int]]:
+def _length_buckets(
+    members: list[int], lengths: list[int], ratio: float = 0.6, max_buckets: int = 4, min_split_work: int = 4096
+) -> list[list[int]]:
     """`members` split into at most `max_buckets` groups, each holding lengths of at least `ratio` × its longest.
 
     NOTE: a padded batch costs its longest member's length for every member; a group costs a few kernel launches
-    per layer. With contexts spread 1:10 in a batch, four buckets at 0.6 halve the padded work of one batch.
+    per layer. With contexts spread 1:10 in a batch, four buckets at 0.6 halve the padded work of one batch. Below
+    `min_split_work` padded positions the launches cost more than the padding: one group (a few long requests
+    finishing last, small batches).
     """
     if not members:
         return []
+    if len(members) * max(lengths) <= min_split_work:
+        return [sorted(members)]
     order = sorted(range(len(members)), key=lambda k: -lengths[k])
     buckets = [[order[0]]]
     for k in order[1:]:
