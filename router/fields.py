@@ -57,12 +57,13 @@ REFUSED_VLLM_FIELDS: dict[str, str] = {
 _UNSERVED_SERVICE_TIERS = {"flex", "scale", "priority", "fast"}
 
 
-def refuse_known_fields(payload: Mapping[str, Any], refused: Mapping[str, str]) -> None:
+def refuse_known_fields(payload: dict[str, Any], refused: Mapping[str, str]) -> dict[str, Any]:
     """A 400 naming the first known-but-unsupported field set in `payload`, with the reason (before validation,
-    so the client reads why rather than "unrecognized")."""
+    so the client reads why rather than "unrecognized"); else `payload` without those sent as null ("not set")."""
     for name, reason in refused.items():
         if payload.get(name) is not None:
             raise bad_request(f"{name}: {reason}", name, code="unsupported_field")
+    return {name: value for name, value in payload.items() if name not in refused}
 
 
 def check_field_values(request: CompletionRequest | ChatCompletionRequest) -> None:

@@ -39,7 +39,7 @@ from router.protocol import (
     TokenizeResponse,
     random_id,
 )
-from router.request_ids import REQUEST_ID_HEADER, RequestIdHeaderMiddleware, make_request_ids
+from router.request_ids import REQUEST_ID_HEADER, make_request_ids
 from router.streaming import PrimedStream, own_request_id, prime, replica_outputs, sse, to_api_error
 from router.tokenization import PromptTokenizer
 
@@ -54,7 +54,6 @@ app = FastAPI(title="paged-serve", docs_url=None, redoc_url=None, openapi_url=No
 # Requests in flight in this ingress replica; the cap is set from IngressConfig when the replica starts.
 ADMISSION = AdmissionLimit()
 app.add_middleware(ConcurrencyLimitMiddleware, limit=ADMISSION)
-app.add_middleware(RequestIdHeaderMiddleware)
 app.add_middleware(RequestMetricsMiddleware)  # outermost: counts every answer, the cap's 503s too (router/metrics.py)
 add_request_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest, TokenizeRequest,
                           DetokenizeRequest])
@@ -390,7 +389,7 @@ class OpenAIIngress:
             raise bad_request("the body is nested too deeply", code="invalid_json") from error
         if not isinstance(payload, dict):
             raise bad_request("the body must be a JSON object", code="invalid_json")
-        refuse_known_fields(payload, refused_fields or {})
+        payload = refuse_known_fields(payload, refused_fields or {})
         try:
             return schema.model_validate(payload)
         except ValidationError as error:

@@ -61,7 +61,7 @@ class _SamplingFields(_Request):
     add_special_tokens: bool | None = None  # default: True for completions, False for chat (the template adds them)
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1, description="keep the last N; -1: max_model_len")
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N"
-    request_id: str | None = Field(default=None, max_length=128, description="the response id; X-Request-Id wins")
+    request_id: str | None = Field(default=None, max_length=128, description="the response id (over X-Request-Id)")
     priority: int = Field(
         default=0, description="lower runs first under the `priority` and `fair` scheduling policies; fcfs ignores it"
     )

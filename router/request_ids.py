@@ -1,4 +1,9 @@
-"""Client-chosen request ids (vLLM's `X-Request-Id` header and `request_id` body field): the response's id and header.
+"""Client-chosen request ids (vLLM's `request_id` body field and `X-Request-Id` header) as the response's id.
+
+NOTE: Ray Serve's HTTP proxy already takes a client's `X-Request-Id` as its own request id, gives a request without
+one a random id in that header, and echoes it on every response. So the header is always there: the body field,
+being explicit, wins over it (vLLM prefers the header), and without a body field the response id matches the
+`X-Request-Id` the client gets back and Serve's logs show.
 
 The engine's own request ids stay unique whatever clients send: two clients choosing the same id must not collide
 in a replica's request registry, so the client's id is the response's, and the engine's carries it plus a random
@@ -9,9 +14,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-
-from starlette.datastructures import MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.errors import bad_request
 
@@ -28,36 +30,13 @@ class RequestIds:
 
 
 def make_request_ids(prefix: str, header_value: str | None, body_request_id: str | None) -> RequestIds:
-    """The header wins over the body field, as in vLLM; with neither, a random id."""
-    client_id = header_value or body_request_id
+    """The body field, else the header (see the module's note); with neither, a random id."""
+    client_id = body_request_id or header_value
     if client_id is None:
         random_part = uuid.uuid4().hex
         return RequestIds(f"{prefix}-{random_part}", f"{prefix}-{random_part}")
     if len(client_id) > MAX_REQUEST_ID_CHARS or not client_id.isprintable():
-        param = REQUEST_ID_HEADER if header_value else "request_id"
+        param = "request_id" if body_request_id else REQUEST_ID_HEADER
         raise bad_request(f"{param} must be at most {MAX_REQUEST_ID_CHARS} printable characters", param)
     response_id = f"{prefix}-{client_id}"
     return RequestIds(response_id, f"{response_id}-{uuid.uuid4().hex[:12]}")
-
-
-class RequestIdHeaderMiddleware:
-    """Echo the client's `X-Request-Id` on every response (errors included), as vLLM does."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
-        if request_id is None:
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_header(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id.decode("latin-1")
-            await send(message)
-
-        await self.app(scope, receive, send_with_header)

@@ -107,9 +107,15 @@ def test_x_request_id_is_the_response_id_and_echoed(tiny_app: ServedApp) -> None
     assert refused.status_code == 400 and refused.headers["X-Request-Id"] == "trace-42"
 
 
-def test_request_id_body_field_names_the_response(tiny_app: ServedApp) -> None:
+def test_request_id_body_field_names_the_response_over_the_header(tiny_app: ServedApp) -> None:
     body = {"messages": CHAT, "max_tokens": 2, "request_id": "mine-1"}
-    assert httpx.post(f"{tiny_app.v1}/chat/completions", json=body, timeout=60).json()["id"] == "chatcmpl-mine-1"
+    response = httpx.post(f"{tiny_app.v1}/chat/completions", json=body, headers={"X-Request-Id": "other"}, timeout=60)
+    assert response.json()["id"] == "chatcmpl-mine-1"
+
+
+def test_without_a_request_id_the_response_id_matches_the_echoed_header(tiny_app: ServedApp) -> None:
+    response = httpx.post(f"{tiny_app.v1}/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert response.json()["id"] == f"cmpl-{response.headers['X-Request-Id']}"
 
 
 def test_tokenize_a_prompt_and_detokenize_it_back(tiny_app: ServedApp) -> None:
