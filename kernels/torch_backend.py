@@ -57,20 +57,8 @@ class TorchAttentionBackend:
         self.plan_cache = PlanCache()
         self.workspace = GatherWorkspace()
 
-    @property
-    def __name__(self) -> str:
-        # NOTE: the model runner logs `backend.__name__`, from when backends were modules; `name` is the attribute.
-        return self.name
-
-    def write_kv_cache(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    write_kv_cache = staticmethod(write_kv_cache)
+    copy_blocks = staticmethod(copy_blocks)
 
     def paged_attention(
         self,
@@ -95,11 +83,6 @@ class TorchAttentionBackend:
             plan_cache=self.plan_cache,
             workspace=self.workspace,
         )
-
-    def copy_blocks(
-        self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
-    ) -> None:
-        copy_blocks(key_caches, value_caches, block_mapping)
 
 
 def paged_attention(

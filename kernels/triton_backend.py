@@ -29,65 +29,6 @@ SPLIT_K_MAX_SEGMENTS = 16
 INTERPRETED = isinstance(paged_attention_kernel, InterpretedFunction)
 
 
-class TritonAttentionBackend:
-    """The Triton backend as the model runner holds it: one per engine, like `TorchAttentionBackend`.
-
-    It keeps no state between calls today (split-K partials are allocated per call); an instance is where a reused
-    workspace would live.
-    """
-
-    name = "triton"
-
-    @property
-    def __name__(self) -> str:
-        # NOTE: the model runner logs `backend.__name__`, from when backends were modules; `name` is the attribute.
-        return self.name
-
-    def write_kv_cache(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-    ) -> None:
-        write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
-
-    def paged_attention(
-        self,
-        query: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        query_start_loc: torch.Tensor,
-        seq_lens: torch.Tensor,
-        block_tables: torch.Tensor,
-        scale: float,
-        sliding_window: int | None = None,
-        *,
-        split_k: bool | None = None,
-        num_segments: int | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return paged_attention(
-            query,
-            key_cache,
-            value_cache,
-            query_start_loc,
-            seq_lens,
-            block_tables,
-            scale,
-            sliding_window,
-            split_k=split_k,
-            num_segments=num_segments,
-            out=out,
-        )
-
-    def copy_blocks(
-        self, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], block_mapping: torch.Tensor
-    ) -> None:
-        copy_blocks(key_caches, value_caches, block_mapping)
-
-
 def write_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -414,3 +355,16 @@ def _copy_blocks_kernel(
     tl.store(key_cache_ptr + dst * stride_key_block + offsets, key, mask=mask)
     value = tl.load(value_cache_ptr + src * stride_value_block + offsets, mask=mask)
     tl.store(value_cache_ptr + dst * stride_value_block + offsets, value, mask=mask)
+
+
+class TritonAttentionBackend:
+    """The Triton backend as the model runner holds it: one per engine, like `TorchAttentionBackend`.
+
+    It keeps no state between calls today (split-K partials are allocated per call); an instance is where a reused
+    workspace would live.
+    """
+
+    name = "triton"
+    write_kv_cache = staticmethod(write_kv_cache)
+    paged_attention = staticmethod(paged_attention)
+    copy_blocks = staticmethod(copy_blocks)
