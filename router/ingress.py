@@ -183,16 +183,17 @@ class OpenAIIngress:
             [self._generate(f"{request_id}-{i}", ids, params, body.priority) for i, (ids, params) in enumerate(calls)]
         )
         usage = responses.UsageCounter(prompt_tokens=sum(len(ids) for ids in prompts))
-        with_logprobs = body.logprobs is not None
-        echo = [self.tokenizer.decode(ids) for ids in prompts] if body.echo else None
+        options = responses.CompletionFormat(
+            self.tokenizer.token_text, prompts, body.logprobs,
+            echo=[self.tokenizer.decode(ids) for ids in prompts] if body.echo else None,
+            echo_only=body.echo and body.max_tokens == 0, prompt_logprobs=body.prompt_logprobs,
+        )  # fmt: skip
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = responses.completion_events(streams, body.n, self.model_id, usage, self.tokenizer.token_text,
-                                                 with_logprobs, include_usage, request_id, echo)  # fmt: skip
+            events = responses.completion_events(streams, body.n, self.model_id, usage, options, include_usage,
+                                                 request_id)  # fmt: skip
             return _event_stream(events, streams)
-        return await responses.completion_response(
-            streams, body.n, self.model_id, usage, self.tokenizer.token_text, with_logprobs, echo
-        )
+        return await responses.completion_response(streams, body.n, self.model_id, usage, options)
 
     @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Any:
@@ -211,7 +212,8 @@ class OpenAIIngress:
             events = responses.chat_events(stream, body.n, self.model_id, usage, self.tokenizer.token_text,
                                            body.logprobs, include_usage, request_id)  # fmt: skip
             return _event_stream(events, [stream])
-        return await responses.chat_response(stream, self.model_id, usage, self.tokenizer.token_text, body.logprobs)
+        return await responses.chat_response(stream, self.model_id, usage, self.tokenizer.token_text, body.logprobs,
+                                             body.prompt_logprobs)  # fmt: skip
 
     @app.post("/generate", openapi_extra=json_body(GenerateRequest))
     async def generate(self, request: Request) -> Any:

@@ -57,8 +57,9 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     best_of: int | None = None
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt's tokens are scored too; with max_tokens 0: the prompt alone
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM extra: each choice's `prompt_logprobs`, this many alternatives
 
 
 class TextContentPart(_Request):
@@ -86,6 +87,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # vLLM extra
+    prompt_logprobs: int | None = None  # vLLM extra: the response's `prompt_logprobs`, this many alternatives
 
 
 class GenerateRequest(BaseModel):
@@ -124,12 +126,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`: one entry of a prompt position's `{token id: ...}` map."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's `prompt_logprobs`: per prompt token (the first is null), the token itself and the top alternatives.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -177,6 +192,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):
