@@ -15,8 +15,8 @@ from replicas.contract import ModelInfo, RequestOutput
 from replicas.intake import OutputKind, Request, RequestError, RequestIntake
 from replicas.model_runner import ModelRunner
 from replicas.output_processor import OutputProcessor
-from replicas.prompt_logprobs import record_prompt_logprobs
 from replicas.outputs import EngineStats
+from replicas.prompt_logprobs import record_prompt_logprobs
 from replicas.sampler import Sampler
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import Scheduler, SchedulerOutput

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from tests.serve.conftest import ServedApp
 
-pytest.importorskip("lm_eval")
 
 QUESTIONS = [
     ("The sky is", ["blue", "green", "loud", "square"], 0),
@@ -73,21 +73,24 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def evaluate(task_dir: Path, model: str, model_args: dict) -> dict:
-    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
-    from lm_eval import simple_evaluate
+    try:
+        from lm_eval import simple_evaluate
+    except ImportError:
+        pytest.fail('lm-evaluation-harness is missing: pip install -c <(echo torch==2.13.0) "lm-eval[api]==0.4.13"')
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(
-        model=model,
-        model_args=model_args,
-        tasks=["paged_serve_mc", "paged_serve_gen"],
-        task_manager=TaskManager(include_path=str(task_dir)),
-        log_samples=True,
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
-    )
+    with mock.patch.dict(os.environ, {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}):
+        return simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=["paged_serve_mc", "paged_serve_gen"],
+            task_manager=TaskManager(include_path=str(task_dir)),
+            log_samples=True,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
 
 
 @pytest.fixture(scope="module")
