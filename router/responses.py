@@ -154,10 +154,11 @@ class CompletionFormat:
         if self.echo_only:
             text, entries = "", []
             finish_reason, stop_reason = ("length", None) if finish_reason is not None else (None, None)
-        echoed = self.echo[prompt_index] if self.echo is not None and first else ""
+        echoing = self.echo is not None and first
+        echoed = self.echo[prompt_index] if echoing else ""
         logprobs = None
         if self.logprobs is not None:
-            if echoed:
+            if echoing:
                 prompt_ids = self.prompt_ids[prompt_index]
                 logprobs = echo_logprobs(prompt_ids, prompt_entries or [], self.token_text, self.logprobs)
             logprobs = completion_logprobs(entries, self.token_text, offset + len(echoed), logprobs)
