@@ -145,6 +145,8 @@ class CompletionFormat:
     echo: list[str] | None = None  # each prompt's text, when `echo`
     echo_only: bool = False  # echo with max_tokens 0: the prompt alone, without the token the engine sampled
     prompt_logprobs: int | None = None  # vLLM's extra: each choice's `prompt_logprobs`, this many alternatives
+    # `prompt_logprobs`' decoded_token: the text even with return_tokens_as_token_ids (as vLLM); None: token_text
+    decoded_text: TokenText | None = None
 
     def choice(
         self, index: int, prompt_index: int, text: str, entries: list[TokenLogprobs], finish_reason: str | None,
@@ -164,7 +166,8 @@ class CompletionFormat:
             logprobs = completion_logprobs(entries, self.token_text, offset + len(echoed), logprobs)
         prompt_logprobs = None
         if self.prompt_logprobs is not None and first and prompt_entries is not None:
-            prompt_logprobs = vllm_prompt_logprobs(prompt_entries, self.token_text, self.prompt_logprobs)
+            decoded_text = self.decoded_text or self.token_text
+            prompt_logprobs = vllm_prompt_logprobs(prompt_entries, decoded_text, self.prompt_logprobs)
         return CompletionChoice(index=index, text=echoed + text, logprobs=logprobs, finish_reason=finish_reason,
                                 stop_reason=stop_reason, prompt_logprobs=prompt_logprobs)  # fmt: skip
 
@@ -191,9 +194,10 @@ async def completion_response(
 
 async def completion_events(
     streams: list[PrimedStream], n: int, model: str, usage: UsageCounter, options: CompletionFormat,
-    include_usage: bool, request_id: str,
+    include_usage: bool, request_id: str, continuous_usage: bool = False,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """SSE chunks of a streamed completion, then the usage chunk if asked for, then `[DONE]`."""
+    """SSE chunks of a streamed completion, then the usage chunk if asked for, then `[DONE]`; with
+    `continuous_usage` (vLLM's `continuous_usage_stats`) every chunk carries the usage so far."""
     created = int(time.time())
     offsets: dict[int, int] = {}  # characters of each choice sent so far
     prompt_entries: dict[int, list[TokenLogprobs | None]] = {}  # delta outputs carry them in the first one only
@@ -213,7 +217,9 @@ async def completion_events(
             offsets[index] = offsets.get(index, 0) + len(choice.text)
             choices.append(choice)
         if choices:
-            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices))
+            chunk_usage = usage.usage() if continuous_usage else None
+            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                         usage=chunk_usage))  # fmt: skip
     if include_usage:
         yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage.usage()))
     yield sse("[DONE]")
@@ -221,9 +227,10 @@ async def completion_events(
 
 async def chat_response(
     stream: PrimedStream, model: str, usage: UsageCounter, token_text: TokenText, with_logprobs: bool,
-    prompt_logprobs: int | None = None,
+    prompt_logprobs: int | None = None, decoded_text: TokenText | None = None,
 ) -> ChatCompletionResponse:
-    """The whole chat completion; with vLLM's `prompt_logprobs`, the rendered prompt's logprobs at the top level."""
+    """The whole chat completion; with vLLM's `prompt_logprobs`, the rendered prompt's logprobs at the top level
+    (`decoded_text` names their tokens, else `token_text`)."""
     choices: dict[int, _Choice] = {}
     prompt_entries = None
     async for _, output in merge([stream]):
@@ -242,18 +249,21 @@ async def chat_response(
                                  finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))  # fmt: skip
     scored = None
     if prompt_logprobs is not None and prompt_entries is not None:
-        scored = vllm_prompt_logprobs(prompt_entries, token_text, prompt_logprobs)
+        scored = vllm_prompt_logprobs(prompt_entries, decoded_text or token_text, prompt_logprobs)
     return ChatCompletionResponse(model=model, choices=result, usage=usage.usage(), prompt_logprobs=scored)
 
 
 async def chat_events(
     stream: PrimedStream, n: int, model: str, usage: UsageCounter, token_text: TokenText,
-    with_logprobs: bool, include_usage: bool, request_id: str,
+    with_logprobs: bool, include_usage: bool, request_id: str, continuous_usage: bool = False,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """SSE chunks of a streamed chat completion: the role first, then content deltas, then the finish reason."""
+    """SSE chunks of a streamed chat completion: the role first, then content deltas, then the finish reason; with
+    `continuous_usage` (vLLM's `continuous_usage_stats`) every chunk carries the usage so far."""
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], chunk_usage: Usage | None = None) -> str:
+        if chunk_usage is None and continuous_usage:
+            chunk_usage = usage.usage()
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=chunk_usage))
 
     yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")) for index in range(n)])

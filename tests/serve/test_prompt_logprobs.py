@@ -105,3 +105,47 @@ def test_vllm_prompt_logprobs_on_chat(tiny_app: ServedApp) -> None:
     prompt_logprobs = result["prompt_logprobs"]
     assert prompt_logprobs[0] is None and len(prompt_logprobs) == result["usage"]["prompt_tokens"]
     assert all(len(entries) == 1 for entries in prompt_logprobs[1:])
+
+
+def stream_chunks(app: ServedApp, **body: object) -> list[dict]:
+    request = {"model": "tiny", "prompt": PROMPT, **GREEDY, **body, "stream": True}
+    with httpx.stream("POST", f"{app.v1}/completions", json=request, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        return [json.loads(line[6:]) for line in response.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]  # fmt: skip
+
+
+def test_return_tokens_as_token_ids_names_the_echoed_prompt_by_id(tiny_app: ServedApp) -> None:
+    choice = complete(tiny_app, max_tokens=3, logprobs=2, echo=True, prompt_logprobs=1,
+                      return_tokens_as_token_ids=True)["choices"][0]  # fmt: skip
+    tokens = choice["logprobs"]["tokens"]
+    assert tokens[: len(PROMPT)] == [f"token_id:{token}" for token in PROMPT]
+    assert all(token.startswith("token_id:") for token in tokens[len(PROMPT):]) and len(tokens) == len(PROMPT) + 3
+    assert all(key.startswith("token_id:") for top in choice["logprobs"]["top_logprobs"][1:] for key in top)
+    # vLLM's prompt_logprobs are keyed by id already; their decoded_token stays the token's text, as vLLM's.
+    assert not any(entry["decoded_token"].startswith("token_id:")
+                   for entries in choice["prompt_logprobs"][1:] for entry in entries.values())  # fmt: skip
+
+
+def test_streamed_echo_with_continuous_usage_and_token_ids(tiny_app: ServedApp) -> None:
+    whole = complete(tiny_app, max_tokens=4, logprobs=1, echo=True, return_tokens_as_token_ids=True)
+    chunks = stream_chunks(tiny_app, max_tokens=4, logprobs=1, echo=True, return_tokens_as_token_ids=True,
+                           stream_options={"include_usage": True, "continuous_usage_stats": True})  # fmt: skip
+    assert all(chunk["usage"] is not None for chunk in chunks)
+    assert all(chunk["usage"]["prompt_tokens"] == len(PROMPT) for chunk in chunks)
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[-1] == 4 and chunks[-1]["choices"] == []
+    choices = [choice for chunk in chunks for choice in chunk["choices"]]
+    assert "".join(choice["text"] for choice in choices) == whole["choices"][0]["text"]
+    tokens = [token for choice in choices for token in choice["logprobs"]["tokens"]]
+    assert tokens == whole["choices"][0]["logprobs"]["tokens"]
+    assert tokens[: len(PROMPT)] == [f"token_id:{token}" for token in PROMPT]
+
+
+def test_streamed_echo_of_the_prompt_alone_counts_no_completion_tokens(tiny_app: ServedApp) -> None:
+    chunks = stream_chunks(tiny_app, max_tokens=0, logprobs=0, echo=True,
+                           stream_options={"include_usage": True, "continuous_usage_stats": True})  # fmt: skip
+    assert all(chunk["usage"]["completion_tokens"] == 0 for chunk in chunks)
+    choices = [choice for chunk in chunks for choice in chunk["choices"]]
+    assert sum(len(choice["logprobs"]["tokens"]) for choice in choices) == len(PROMPT)
+    assert choices[-1]["finish_reason"] == "length"
