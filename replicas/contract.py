@@ -169,3 +169,6 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     error: str | None = None  # why the request was failed, when the engine failed it
     metrics: RequestMetrics | None = None
+    # With `SamplingParams.prompt_logprobs`: per prompt token, its logprob, rank and top alternatives; the first
+    # token's is None (nothing precedes it). Delta outputs carry them once, in the first output.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

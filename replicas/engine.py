@@ -16,6 +16,7 @@ from replicas.intake import OutputKind, Request, RequestError, RequestIntake
 from replicas.model_runner import ModelRunner
 from replicas.output_processor import OutputProcessor
 from replicas.outputs import EngineStats
+from replicas.prompt_logprobs import record_prompt_logprobs
 from replicas.sampler import Sampler
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import Scheduler, SchedulerOutput
@@ -132,7 +133,10 @@ class LLMEngine:
         self.num_steps += 1
         self.recent_step_num_tokens.append(scheduled.num_batched_tokens)
         try:
-            logits = self.model_runner.execute(scheduled)
+            model_output = self.model_runner.execute(scheduled)
+            if model_output.prompt_spans:
+                record_prompt_logprobs(self.requests, model_output.prompt_logits, model_output.prompt_spans)
+            logits = model_output.logits
             sampled_seqs, logits_rows = self._sampling_rows(scheduled)
             if len(logits_rows) != logits.shape[0]:
                 logits = logits[torch.tensor(logits_rows, device=logits.device)]

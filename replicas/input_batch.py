@@ -8,6 +8,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from replicas.scheduler import SchedulerOutput
+from replicas.sequence import Sequence
+
+
+@dataclass
+class PromptLogitsSpan:
+    """Prompt positions of one sequence whose logits a step returns, for prompt logprobs: the rows score prompt
+    tokens `first_token` .. `first_token + num_tokens - 1` (the logits at position p predict token p + 1)."""
+
+    seq: Sequence
+    first_token: int
+    num_tokens: int
 
 
 @dataclass
@@ -21,6 +32,9 @@ class StepInputs:
     seq_lens: np.ndarray  # [S]
     block_tables: np.ndarray  # [S, max_blocks]
     logits_indices: np.ndarray  # [R] last token row of each sequence that produces a token
+    # Rows of prompt positions whose logits prompt logprobs need ([K], in the order of `prompt_spans`).
+    prompt_logits_indices: np.ndarray | None = None
+    prompt_spans: list[PromptLogitsSpan] | None = None
 
 
 class InputBatch:
@@ -52,6 +66,7 @@ class InputBatch:
         q_lens_list: list[int] = []
         seq_lens_list: list[int] = []
         produces_list: list[bool] = []
+        prompt_spans: list[tuple[int, PromptLogitsSpan]] = []  # (index in the step, span)
         num_tokens, num_blocks = self.num_tokens, self.num_blocks
         for item in output.scheduled:
             seq = item.seq
@@ -80,6 +95,12 @@ class InputBatch:
             q_lens_list.append(item.num_new_tokens)
             seq_lens_list.append(end)
             produces_list.append(item.produces_token)
+            if seq.needs_prompt_logits:
+                # Positions computed now, up to the prompt's second-to-last (the last one's logits sample a token).
+                num_scored = min(end, seq.num_prompt_tokens - 1) - seq.num_computed_tokens
+                if num_scored > 0:
+                    span = PromptLogitsSpan(seq, seq.num_computed_tokens + 1, num_scored)
+                    prompt_spans.append((len(rows_list) - 1, span))
         rows = np.array(rows_list, dtype=np.int64)
         q_lens = np.array(q_lens_list, dtype=np.int64)
         seq_lens = np.array(seq_lens_list, dtype=np.int64)
@@ -93,6 +114,12 @@ class InputBatch:
         positions = np.arange(num_tokens) - query_start_loc[seq_of_token] + (seq_lens - q_lens)[seq_of_token]
         block_tables = self.block_table[rows, : max(num_blocks[row] for row in rows_list)]
         slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        prompt_logits_indices = None
+        if prompt_spans:
+            starts = [int(query_start_loc[index]) for index, _ in prompt_spans]
+            prompt_logits_indices = np.concatenate(
+                [np.arange(start, start + span.num_tokens) for start, (_, span) in zip(starts, prompt_spans)]
+            )
         return StepInputs(
             input_ids=self.token_ids[rows[seq_of_token], positions],
             positions=positions,
@@ -101,4 +128,6 @@ class InputBatch:
             seq_lens=seq_lens,
             block_tables=block_tables,
             logits_indices=query_start_loc[1:][produces_token] - 1,
+            prompt_logits_indices=prompt_logits_indices,
+            prompt_spans=[span for _, span in prompt_spans] or None,
         )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from replicas.config import EngineConfig
+from replicas.contract import TokenLogprobs
 from replicas.sampler import rng_key
 from replicas.sampling_params import SamplingParams
 from replicas.sequence import Sequence
@@ -36,6 +37,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     error: str | None = None
+    # With `params.prompt_logprobs`: one entry per prompt token scored so far; the first token has none (None).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -71,6 +74,8 @@ class RequestIntake:
         prompt_token_ids = list(prompt_token_ids)
         self.validate(prompt_token_ids, params)
         request = Request(request_id, prompt, prompt_token_ids, params, output_kind, priority)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         seq = Sequence(
             seq_id=self.next_seq_id(),
             request_id=request_id,

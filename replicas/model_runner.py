@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 import kernels
 from replicas.config import EngineConfig, EngineConfigError
-from replicas.input_batch import InputBatch
+from replicas.input_batch import InputBatch, PromptLogitsSpan, StepInputs
 from replicas.models import load_model
 from replicas.models.layers import AttentionMetadata
 from replicas.scheduler import SchedulerOutput
@@ -20,6 +20,15 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelOutput:
+    """A step's logits (float32): one row per sequence that samples, and the prompt rows prompt logprobs need."""
+
+    logits: torch.Tensor  # [R, vocab], in the order of the scheduled sequences that produce a token
+    prompt_logits: torch.Tensor | None = None  # [K, vocab], the spans' rows one after the other
+    prompt_spans: list[PromptLogitsSpan] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,8 +125,9 @@ class ModelRunner:
         return int(num_blocks)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> torch.Tensor:
-        """Run one step; returns logits `[R, vocab]`, one row per scheduled sequence that samples, in order."""
+    def execute(self, output: SchedulerOutput) -> ModelOutput:
+        """Run one step; returns logits `[R, vocab]`, one row per scheduled sequence that samples, in order, and
+        the logits of the prompt positions whose logprobs were asked for."""
         if self.device.type == "cpu":
             # NOTE: tiny activations (e.g. squared in RMSNorm) become denormals, which x86 handles in microcode:
             # elementwise ops ran 100x slower. The flag is per thread, and steps may run on any thread.
@@ -125,12 +135,17 @@ class ModelRunner:
         if output.blocks_to_copy:
             mapping = torch.tensor(output.blocks_to_copy, dtype=torch.int64, device=self.device)
             self.backend.copy_blocks(self.key_caches, self.value_caches, mapping)
-        input_ids, positions, metadata, logits_indices = self._prepare(output)
-        hidden = self.model(input_ids, positions, metadata)
-        return self.model.compute_logits(hidden[logits_indices]).float()
-
-    def _prepare(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         inputs = self.input_batch.prepare(output)
+        input_ids, positions, metadata, logits_indices = self._to_device(inputs)
+        hidden = self.model(input_ids, positions, metadata)
+        if inputs.prompt_logits_indices is None:
+            return ModelOutput(self.model.compute_logits(hidden[logits_indices]).float())
+        prompt_indices = torch.from_numpy(inputs.prompt_logits_indices).to(self.device)
+        logits = self.model.compute_logits(hidden[torch.cat([logits_indices, prompt_indices])]).float()
+        num_sampling = logits_indices.shape[0]
+        return ModelOutput(logits[:num_sampling], logits[num_sampling:], inputs.prompt_spans)
+
+    def _to_device(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         device = self.device
         metadata = AttentionMetadata(
             slot_mapping=torch.from_numpy(inputs.slot_mapping).to(device),

@@ -27,6 +27,7 @@ class SampleOutput:
     num_emitted_chars: int = 0
     num_emitted_logprobs: int = 0
     finish_reported: bool = False
+    prompt_logprobs_reported: bool = False  # delta outputs: prompt logprobs go in the first output only
     first_token_time: float | None = None
     last_token_time: float | None = None
 
@@ -98,6 +99,10 @@ class OutputProcessor:
                 completions.append(completion)
         first = request.seqs[0]
         first_sample = self.samples[first.seq_id]
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is not None and delta:
+            prompt_logprobs = None if first_sample.prompt_logprobs_reported else list(prompt_logprobs)
+            first_sample.prompt_logprobs_reported = True
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -108,6 +113,7 @@ class OutputProcessor:
             error=request.error,
             metrics=RequestMetrics(request.arrival_time, first.first_scheduled_time, first_sample.first_token_time,
                                    first_sample.last_token_time),  # fmt: skip
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _completion(self, seq: Sequence, index: int, delta: bool) -> CompletionOutput | None:

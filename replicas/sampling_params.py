@@ -29,6 +29,9 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per token")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS, description="top alternatives per prompt token (0: its own logprob only)"
+    )
     logit_bias: dict[int, float] = Field(default_factory=dict, description="added to the token's logit (OpenAI)")
     skip_special_tokens: bool = True
 

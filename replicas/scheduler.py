@@ -115,10 +115,14 @@ class Scheduler:
             seq = self.waiting[0]
             if num_seqs + _group_size(seq) > self.max_num_seqs:
                 break
-            prefix_block_ids = self.block_manager.lookup_prefix(seq)
+            # NOTE: a cached block holds K/V but no logits, so a request for prompt logprobs skips the prefix cache
+            # and computes its whole prompt (its blocks are still registered for others).
+            skips_cache = seq.needs_prompt_logits
+            prefix_block_ids = [] if skips_cache else self.block_manager.lookup_prefix(seq)
             if in_flight is not None:
                 hashes = self.block_manager.block_hashes(seq)
-                if len(prefix_block_ids) < len(hashes) and hashes[len(prefix_block_ids)] in in_flight:
+                num_hit = len(prefix_block_ids)
+                if not skips_cache and num_hit < len(hashes) and hashes[num_hit] in in_flight:
                     # Its next block is being prefilled for another sequence right now: wait a step or two and
                     # reuse it instead of computing the same prefix twice (requests sharing a system prompt
                     # tend to arrive together).

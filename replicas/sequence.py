@@ -59,6 +59,12 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether the steps computing its prompt must return logits for every prompt position: prompt logprobs
+        were asked for and are not complete yet (they are once the first token is sampled)."""
+        return self.params.prompt_logprobs is not None and self.index == 0 and self.num_output_tokens == 0
+
+    @property
     def is_prefilling(self) -> bool:
         return self.num_computed_tokens < self.num_tokens - 1
 

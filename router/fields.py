@@ -42,7 +42,6 @@ REFUSED_VLLM_FIELDS: dict[str, str] = {
     "continue_final_message": "continue_final_message is not supported",
     "documents": "documents (RAG templates) are not supported",
     "mm_processor_kwargs": "multimodal inputs are not supported: the served models read text only",
-    "prompt_logprobs": "prompt logprobs are not supported yet",
     "guided_json": "structured outputs are not supported yet",
     "guided_regex": "structured outputs are not supported yet",
     "guided_choice": "structured outputs are not supported yet",

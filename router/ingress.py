@@ -207,17 +207,18 @@ class OpenAIIngress:
         streams = await prime([self._generate(f"{request_ids.engine_id}-{i}", prompt_ids, params, body.priority)
                                for i, (prompt_ids, params) in enumerate(calls)])  # fmt: skip
         usage = responses.UsageCounter(prompt_tokens=sum(len(prompt_ids) for prompt_ids in prompts))
-        with_logprobs = body.logprobs is not None
-        token_text = self._token_text(body.return_tokens_as_token_ids)
-        echo = [self.tokenizer.decode(prompt_ids) for prompt_ids in prompts] if body.echo else None
+        options = responses.CompletionFormat(
+            self._token_text(body.return_tokens_as_token_ids), prompts, body.logprobs,
+            echo=[self.tokenizer.decode(prompt_ids) for prompt_ids in prompts] if body.echo else None,
+            echo_only=body.echo and body.max_tokens == 0, prompt_logprobs=body.prompt_logprobs,
+            decoded_text=self.tokenizer.token_text,
+        )  # fmt: skip
         if body.stream:
             include_usage, continuous_usage = _usage_in_stream(body.stream_options)
-            events = responses.completion_events(streams, body.n, self.model_id, usage, token_text, with_logprobs,
-                                                 include_usage, request_ids.response_id, echo, continuous_usage)  # fmt: skip
+            events = responses.completion_events(streams, body.n, self.model_id, usage, options, include_usage,
+                                                 request_ids.response_id, continuous_usage)  # fmt: skip
             return _event_stream(events, streams)
-        response = await responses.completion_response(
-            streams, body.n, self.model_id, usage, token_text, with_logprobs, echo
-        )
+        response = await responses.completion_response(streams, body.n, self.model_id, usage, options)
         response.id = request_ids.response_id
         return response
 
@@ -244,7 +245,8 @@ class OpenAIIngress:
             events = responses.chat_events(stream, body.n, self.model_id, usage, token_text, body.logprobs,
                                            include_usage, request_ids.response_id, continuous_usage)  # fmt: skip
             return _event_stream(events, [stream])
-        response = await responses.chat_response(stream, self.model_id, usage, token_text, body.logprobs)
+        response = await responses.chat_response(stream, self.model_id, usage, token_text, body.logprobs,
+                                                 body.prompt_logprobs, self.tokenizer.token_text)  # fmt: skip
         response.id = request_ids.response_id
         return response
 

@@ -19,12 +19,12 @@ _PASSTHROUGH = (
 def check_unsupported(request: CompletionRequest | ChatCompletionRequest) -> None:
     """Refuse, rather than ignore, the OpenAI fields this server does not implement yet."""
     if isinstance(request, CompletionRequest):
-        if request.echo and request.logprobs is not None:
-            raise bad_request("echo with logprobs is not supported (no prompt logprobs yet): drop one of them", "echo")
         if request.suffix:
             raise bad_request("suffix is not supported: leave it out", "suffix")
         if request.stream and request.best_of is not None and request.best_of > request.n:
             raise bad_request("best_of > n cannot be streamed: set stream=false or best_of=n", "best_of")
+    if request.stream and request.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs cannot be streamed (as in vLLM): set stream=false", "prompt_logprobs")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
@@ -81,6 +81,8 @@ def to_sampling_params(
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if request.logprobs:
             fields["logprobs"] = request.top_logprobs or 0
+        if request.prompt_logprobs is not None:
+            fields["prompt_logprobs"] = request.prompt_logprobs
     else:
         max_tokens = request.max_tokens
         if request.best_of is not None:
@@ -89,6 +91,14 @@ def to_sampling_params(
             fields["best_of"] = request.best_of
         if request.logprobs is not None:
             fields["logprobs"] = request.logprobs
+        # Echo with logprobs scores the prompt too: the engine's prompt logprobs, as wide as either field asks.
+        widths = [request.prompt_logprobs, request.logprobs if request.echo else None]
+        if any(width is not None for width in widths):
+            fields["prompt_logprobs"] = max(width for width in widths if width is not None)
+        if request.echo and max_tokens == 0:
+            # NOTE: the prompt alone (what vLLM answers, and what loglikelihood scorers may ask): the engine samples
+            # one token, which the response leaves out.
+            max_tokens = 1
 
     if max_tokens is None:
         max_tokens = max_model_len - num_prompt_tokens
@@ -109,4 +119,6 @@ def to_sampling_params(
             api_error.param = max_tokens_param
         if api_error.param == "logprobs" and isinstance(request, ChatCompletionRequest):
             api_error.param = "top_logprobs"
+        if api_error.param == "prompt_logprobs" and isinstance(request, CompletionRequest):
+            api_error.param = "logprobs" if request.prompt_logprobs is None else "prompt_logprobs"
         raise api_error from error

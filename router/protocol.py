@@ -72,8 +72,9 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     best_of: int | None = None
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt's tokens are scored too; with max_tokens 0: the prompt alone
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM extra: each choice's `prompt_logprobs`, this many alternatives
 
 
 class TextContentPart(_Request):
@@ -101,6 +102,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # vLLM extra
+    prompt_logprobs: int | None = None  # vLLM extra: the response's `prompt_logprobs`, this many alternatives
     # OpenAI's chat fields accepted with no effect, no effect on a self-hosted server (README "Request fields"); refused values are in router/fields.py.
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -149,12 +151,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`: one entry of a prompt position's `{token id: ...}` map."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's `prompt_logprobs`: per prompt token (the first is null), the token itself and the top alternatives.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -202,6 +217,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -56,9 +56,26 @@ def test_chat_max_completion_tokens_wins_and_logprobs_map_to_top_logprobs() -> N
     assert sampling.max_tokens == 7 and sampling.logprobs == 2
 
 
-@pytest.mark.parametrize(("fields", "param"), [({"echo": True, "logprobs": 1}, "echo"), ({"suffix": "x"}, "suffix")])
+@pytest.mark.parametrize(("fields", "param"), [({"suffix": "x"}, "suffix"),
+                                               ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs")])
 def test_unsupported_fields_are_refused_not_ignored(fields: dict, param: str) -> None:
     assert error_of(lambda: check_unsupported(CompletionRequest(prompt="x", **fields))).param == param
+
+
+def test_echo_with_logprobs_asks_the_engine_for_prompt_logprobs() -> None:
+    assert params(echo=True, logprobs=3).prompt_logprobs == 3
+    assert params(logprobs=3).prompt_logprobs is None
+    assert params(echo=True, logprobs=1, prompt_logprobs=4).prompt_logprobs == 4
+
+
+def test_echo_with_max_tokens_zero_runs_one_engine_token_and_without_echo_is_refused() -> None:
+    assert params(echo=True, max_tokens=0, logprobs=1).max_tokens == 1
+    assert error_of(lambda: params(max_tokens=0)).param == "max_tokens"
+
+
+def test_chat_prompt_logprobs_carry_over() -> None:
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], prompt_logprobs=2)
+    assert to_sampling_params(request, 10, MAX_MODEL_LEN, max_n=8).prompt_logprobs == 2
 
 
 def test_logit_bias_keys_become_token_ids() -> None:

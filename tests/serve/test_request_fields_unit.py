@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from router.errors import APIError
-from router.fields import REFUSED_CHAT_FIELDS, check_field_values, refuse_known_fields
+from router.fields import REFUSED_CHAT_FIELDS, REFUSED_VLLM_FIELDS, check_field_values, refuse_known_fields
 from router.params import truncate_prompt
 from router.protocol import ChatCompletionRequest, ChatMessage
 from router.request_ids import make_request_ids
@@ -52,6 +52,12 @@ def test_known_unsupported_fields_are_refused_with_the_reason_and_null_is_not_se
         refuse_known_fields({"messages": [], "prediction": {"type": "content"}}, REFUSED_CHAT_FIELDS)
     assert refused.value.param == "prediction" and "speculative" in refused.value.message
     assert refuse_known_fields({"messages": [], "audio": None}, REFUSED_CHAT_FIELDS) == {"messages": []}
+
+
+def test_prompt_logprobs_is_served_not_refused() -> None:
+    payload = {"prompt": "Hi", "prompt_logprobs": 1}
+    assert "prompt_logprobs" not in REFUSED_VLLM_FIELDS and "prompt_logprobs" not in REFUSED_CHAT_FIELDS
+    assert refuse_known_fields(payload, REFUSED_VLLM_FIELDS) == payload
 
 
 @pytest.mark.parametrize(("field", "value"), [("store", True), ("service_tier", "flex"), ("modalities", ["audio"]),
