@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -138,7 +139,8 @@ class StructuredOutputManager:
                 return compiler.compile_grammar(choice_grammar(json.loads(text)))
             return compiler.compile_grammar(text)
         except Exception as error:  # noqa: BLE001 — the library's errors (RuntimeError, ValueError, ...) vary
-            message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            message = re.sub(r"^\[[\d:]+\] \S+: ", "", lines[-1])  # xgrammar's "[time] file.cc:line: " prefix
             raise StructuredOutputError(f"{param}: the {kind} does not compile: {message}", param=param) from error
 
     def _get_compiler(self) -> Any:
