@@ -118,7 +118,8 @@ def bench_apply(vocab_size: int, rows: int = 16, batch: int = 64) -> dict:
     for _ in range(50):
         torch.log_softmax(logits, dim=-1)
     softmax_us = (time.perf_counter() - start) / 50 * 1e6
-    return {f"apply_{rows}_of_{batch}_rows_us": round(apply_us, 1), f"log_softmax_{batch}_rows_us": round(softmax_us, 1)}
+    return {f"apply_{rows}_of_{batch}_rows_us": round(apply_us, 1),
+            f"log_softmax_{batch}_rows_us": round(softmax_us, 1)}  # fmt: skip
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Turns a step's logits into next tokens: penalties, grammar masks, greedy, temperature, top-k, top-p, min-p, seeds, logprobs."""
+"""Turns logits into next tokens: penalties, grammar masks, greedy, temperature, top-k/p, min-p, seeds, logprobs."""
 
 from __future__ import annotations
 

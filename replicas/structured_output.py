@@ -1,4 +1,4 @@
-"""Structured outputs: grammars compiled off the engine thread and cached by spec, per-sequence matchers, token masks."""
+"""Structured outputs: grammars compiled off the engine thread, cached by spec; per-sequence matchers; token masks."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ PERSON = {
     "additionalProperties": False,
 }
 PROMPTS = ["Describe a person as JSON.", "Who wrote Hamlet? Answer in JSON.", "Give me a user record.",
-           "Invent a character for a novel.", "Tell me about your best friend.", "Name a famous scientist."]  # fmt: skip
+           "Invent a character for a novel.", "Tell me about your best friend.",
+           "Name a famous scientist."]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +102,9 @@ def test_a_preempted_constrained_request_keeps_its_accepted_tokens(default_model
 def test_max_tokens_cuts_a_json_with_length_and_stop_strings_still_apply(engine) -> None:
     outputs = run(engine, {
         "short": (chat(engine, PROMPTS[0]), constrained(max_tokens=4, json_schema=PERSON)),
-        "stop": (chat(engine, PROMPTS[0]), SamplingParams(temperature=0.0, max_tokens=64, stop=[","],
-                                                          structured_output=StructuredOutputParams(json_schema=PERSON))),
+        "stop": (chat(engine, PROMPTS[0]), SamplingParams(
+            temperature=0.0, max_tokens=64, stop=[","], structured_output=StructuredOutputParams(json_schema=PERSON)
+        )),
     })  # fmt: skip
     assert outputs["short"].outputs[0].finish_reason == "length"
     assert len(outputs["short"].outputs[0].token_ids) == 4
