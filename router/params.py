@@ -30,6 +30,19 @@ def check_unsupported(request: CompletionRequest | ChatCompletionRequest) -> Non
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
 
+def truncate_prompt(prompt_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: keep the prompt's last N tokens (-1: the last `max_model_len`)."""
+    if truncate_prompt_tokens is None:
+        return prompt_ids
+    keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    if keep == 0:
+        raise bad_request("truncate_prompt_tokens must be -1 or at least 1", "truncate_prompt_tokens")
+    if keep > max_model_len:
+        raise bad_request(f"truncate_prompt_tokens is {keep}; max_model_len is {max_model_len}: lower it",
+                          "truncate_prompt_tokens")  # fmt: skip
+    return prompt_ids[-keep:]
+
+
 def _token_bias(logit_bias: dict[str, float]) -> dict[int, float]:
     """OpenAI sends token ids as JSON object keys (strings); the engine checks they are in the vocabulary."""
     try:

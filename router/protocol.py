@@ -20,7 +20,10 @@ class _Request(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool = Field(default=False, description="a last chunk with the whole request's usage")
+    # vLLM extra (guidellm sends it): every chunk carries the usage so far.
+    continuous_usage_stats: bool = Field(default=False, description="usage so far in every chunk")
+    include_obfuscation: bool | None = None  # OpenAI's padding against size side channels: only `false` is accepted
 
 
 class JsonSchemaFormat(_Request):
@@ -35,6 +38,8 @@ class JsonSchemaFormat(_Request):
 
 
 class ResponseFormat(_Request):
+    """OpenAI's `response_format`: `text` (no constraint, the default), `json_object` or `json_schema`."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -61,7 +66,7 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # no effect: no per-user accounting here
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM extras (the openai client sends them with `extra_body`).
@@ -73,6 +78,11 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool = True  # no effect either way: see README "Request fields"
+    add_special_tokens: bool | None = None  # default: True for completions, False for chat (the template adds them)
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, description="keep the last N; -1: max_model_len")
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N"
+    request_id: str | None = Field(default=None, max_length=128, description="the response id (over X-Request-Id)")
     priority: int = Field(
         default=0, description="lower runs first under the `priority` and `fair` scheduling policies; fcfs ignores it"
     )
@@ -120,6 +130,16 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # vLLM extra
+    # OpenAI's chat fields accepted with no effect on a self-hosted server (README "Request fields"); refused
+    # values are in router/fields.py. `response_format` (structured outputs) is in _SamplingFields.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None  # no effect without tools
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
 
 
 class GenerateRequest(BaseModel):
@@ -234,6 +254,33 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's `/tokenize`: a `prompt` as completions would tokenize it, or `messages` as chat would."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelCard(BaseModel):

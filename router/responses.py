@@ -120,8 +120,10 @@ async def completion_response(
 async def completion_events(
     streams: list[PrimedStream], n: int, model: str, usage: UsageCounter, token_text: TokenText,
     with_logprobs: bool, include_usage: bool, request_id: str, echo: list[str] | None = None,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """SSE chunks of a streamed completion, then the usage chunk if asked for, then `[DONE]`."""
+    """SSE chunks of a streamed completion, then the usage chunk if asked for, then `[DONE]`; with
+    `continuous_usage` (vLLM's `continuous_usage_stats`) every chunk carries the usage so far."""
     created = int(time.time())
     offsets: dict[int, int] = {}
     async for prompt_index, output in merge(streams):
@@ -140,7 +142,9 @@ async def completion_events(
                                             finish_reason=completion.finish_reason,
                                             stop_reason=completion.stop_reason))  # fmt: skip
         if choices:
-            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices))
+            chunk_usage = usage.usage() if continuous_usage else None
+            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                         usage=chunk_usage))  # fmt: skip
     if include_usage:
         yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage.usage()))
     yield sse("[DONE]")
@@ -167,12 +171,15 @@ async def chat_response(
 
 async def chat_events(
     stream: PrimedStream, n: int, model: str, usage: UsageCounter, token_text: TokenText,
-    with_logprobs: bool, include_usage: bool, request_id: str,
+    with_logprobs: bool, include_usage: bool, request_id: str, continuous_usage: bool = False,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """SSE chunks of a streamed chat completion: the role first, then content deltas, then the finish reason."""
+    """SSE chunks of a streamed chat completion: the role first, then content deltas, then the finish reason; with
+    `continuous_usage` (vLLM's `continuous_usage_stats`) every chunk carries the usage so far."""
     created = int(time.time())
 
     def chunk(choices: list[ChatChunkChoice], chunk_usage: Usage | None = None) -> str:
+        if chunk_usage is None and continuous_usage:
+            chunk_usage = usage.usage()
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=chunk_usage))
 
     yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")) for index in range(n)])

@@ -42,22 +42,25 @@ class PromptTokenizer:
         self.tokenizer = tokenizer_class_for(tokenizer_dir).from_pretrained(tokenizer_dir)
         self.vocab_size = len(self.tokenizer)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Same call as the engine's own `add_request(prompt=...)`, so both paths see the same ids."""
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: list[int]) -> str:
         """A prompt as text (for `echo`), special tokens included as the client sent them."""
         return self.tokenizer.decode(token_ids)
 
-    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-        """A completions `prompt` (string, strings, token ids, or lists of token ids) as one id list per prompt."""
+    def completion_prompts(
+        self, prompt: str | list[str] | list[int] | list[list[int]], add_special_tokens: bool = True
+    ) -> list[list[int]]:
+        """A completions `prompt` (string, strings, token ids, or lists of token ids) as one id list per prompt;
+        `add_special_tokens` applies to text (token ids are taken as they are)."""
         if isinstance(prompt, str):
-            prompts: list[list[int]] = [self.encode(prompt)]
+            prompts: list[list[int]] = [self.encode(prompt, add_special_tokens)]
         elif not prompt:
             raise bad_request("prompt is empty: give a non-empty string, strings, or token ids", "prompt")
         elif isinstance(prompt[0], str):
-            prompts = [self.encode(text) for text in prompt]  # type: ignore[arg-type]
+            prompts = [self.encode(text, add_special_tokens) for text in prompt]  # type: ignore[arg-type]
         elif isinstance(prompt[0], int):
             prompts = [list(prompt)]  # type: ignore[arg-type]
         else:
@@ -65,23 +68,34 @@ class PromptTokenizer:
         for ids in prompts:
             if not ids:
                 raise bad_request("a prompt is empty: every prompt needs at least one token", "prompt")
-            bad = next((token for token in ids if not 0 <= token < self.vocab_size), None)
-            if bad is not None:
-                raise bad_request(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "prompt")
+            self.check_vocabulary(ids, "prompt")
         return prompts
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """The conversation rendered with the model's chat template, then tokenized (the template adds specials)."""
+    def check_vocabulary(self, token_ids: list[int], param: str) -> None:
+        bad = next((token for token in token_ids if not 0 <= token < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param)
+
+    def chat_prompt(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        template_variables: dict[str, str] | None = None,
+    ) -> list[int]:
+        """The conversation rendered with the model's chat template, then tokenized. The template adds the
+        special tokens it wants, so `add_special_tokens` (vLLM's default: False) would add a second BOS.
+        `template_variables` (`reasoning_effort`) reach a template that reads them; others ignore them."""
         if self.tokenizer.chat_template is None:
             raise bad_request("this model has no chat template: use /v1/completions", "messages")
         conversation = [{"role": message.role, "content": message.text()} for message in messages]
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_variables or {})
             )
         except Exception as error:  # noqa: BLE001 — a template can refuse a conversation (e.g. role order)
             raise bad_request(f"the chat template refused these messages: {error}", "messages") from error
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     @lru_cache(maxsize=65536)  # noqa: B019 — one tokenizer per process; the cache lives as long as it does
     def token_text(self, token_id: int) -> str:

@@ -199,7 +199,14 @@ def test_load_backend_returns_a_triton_backend(triton_backend) -> None:
 def test_length_buckets_keep_similar_lengths_together() -> None:
     members = [10, 11, 12, 13, 14, 15]
     lengths = [300, 12, 150, 40, 290, 5]
-    buckets = torch_backend._length_buckets(members, lengths)
+    buckets = torch_backend._length_buckets(members, lengths, min_split_work=0)
     assert sorted(m for b in buckets for m in b) == members
     assert buckets == [[10, 14], [12], [13], [11, 15]]  # 300 & 290 | 150 | 40 | 12 & 5 (the fourth takes the rest)
     assert torch_backend._length_buckets([7], [1]) == [[7]]
+
+
+def test_small_batches_stay_in_one_group() -> None:
+    """Below `min_split_work` padded positions (6 x 300 = 1,800 here) one group costs less than four."""
+    members, lengths = [10, 11, 12, 13, 14, 15], [300, 12, 150, 40, 290, 5]
+    assert torch_backend._length_buckets(members, lengths, min_split_work=1800) == [members]
+    assert len(torch_backend._length_buckets(members, lengths, min_split_work=1799)) == 4
