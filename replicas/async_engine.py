@@ -97,10 +97,15 @@ class AsyncEngine:
         """Yield the request's outputs as they are produced; raises `RequestError` for a refused request."""
         if not self.is_alive:
             raise EngineDeadError(f"engine loop is not running: {self._error!r}")
+        params = params or SamplingParams()
+        if params.structured_output is not None:
+            # Compiled here, off the engine thread, before the request is queued: a spec that does not compile is
+            # refused (RequestError) like any bad request; the engine then finds it in the cache.
+            await asyncio.wrap_future(self.engine.structured_output.compile(params.structured_output))
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         accepted: asyncio.Future[None] = loop.create_future()
-        command = _Add(request_id, prompt, prompt_token_ids, params or SamplingParams(), output_kind, priority, loop,
+        command = _Add(request_id, prompt, prompt_token_ids, params, output_kind, priority, loop,
                        outputs, accepted)  # fmt: skip
         self._commands.put(command)
         if not self.is_alive:  # it died after the check above: nobody may ever read the command

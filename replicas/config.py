@@ -54,6 +54,11 @@ class EngineConfig(BaseModel):
     seed: int = 0
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; default: the CPUs given")
     max_stop_strings: int = Field(default=16, ge=0)
+    max_structured_output_bytes: int = Field(
+        default=65536, ge=1, description="largest JSON schema, regex, choice list or grammar a request may give"
+    )
+    structured_output_compile_threads: int = Field(default=1, ge=1, description="threads compiling grammars")
+    structured_output_cache_size: int = Field(default=256, ge=1, description="compiled grammars kept (LRU)")
 
     @field_validator("block_size")
     @classmethod

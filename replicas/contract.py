@@ -48,7 +48,15 @@ class ContractError(ValueError):
 
 
 class RequestRejectedError(ValueError):
-    """The engine refused the request (the message says why and what it would accept): the client's error, a 400."""
+    """The engine refused the request (the message says why and what it would accept): the client's error, a 400.
+    `param`: the request field at fault, when the engine knows it."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self) -> tuple:  # pickled across Serve: keep `param`
+        return (type(self), (str(self), self.param))
 
 
 class EngineUnavailableError(RuntimeError):

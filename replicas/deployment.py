@@ -81,7 +81,7 @@ class LLMReplica:
         # NOTE: re-raised as the contract's torch-free errors: the caller unpickles what is raised here, and the
         # engine's own classes live in modules that import torch (the ingress must not load it).
         except RequestError as error:
-            raise RequestRejectedError(str(error)) from error
+            raise RequestRejectedError(str(error), error.param) from error
         except EngineDeadError as error:
             raise EngineUnavailableError(str(error)) from error
         finally:

@@ -21,6 +21,7 @@ from replicas.sampler import Sampler
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import Scheduler, SchedulerOutput
 from replicas.sequence import Sequence, SequenceStatus
+from replicas.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,13 @@ class LLMEngine:
         self.intake = RequestIntake(config, self.tokenizer, self.vocab_size, self.max_model_len)
         self.sampler = Sampler(config.seed, self.model_runner.device)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, self.vocab_size, sorted(self.eos_token_ids),
+            max_spec_bytes=config.max_structured_output_bytes, num_threads=config.structured_output_compile_threads,
+            cache_size=config.structured_output_cache_size,
+        )  # fmt: skip
         self.requests: dict[str, Request] = {}
+        self.compiling: dict[str, Request] = {}  # requests waiting for their grammar (not scheduled until ready)
         self.num_steps = 0
         self.num_requests_finished = 0
         # Tokens computed by each recent step, oldest first: the replica drains it into its tokens-per-step
@@ -105,6 +112,9 @@ class LLMEngine:
         request = self.intake.make_request(
             request_id, prompt, params or SamplingParams(), prompt_token_ids, output_kind, priority
         )
+        if request.params.structured_output is not None:  # raises for an oversized spec; compiles off this thread
+            request.seqs[0].grammar = self.structured_output.state_for(request.params.structured_output)
+            self.compiling[request_id] = request
         self.requests[request_id] = request
         self.output_processor.add(request.seqs[0])
         self.scheduler.add(request.seqs[0])
@@ -114,6 +124,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
+        self.compiling.pop(request_id, None)
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
@@ -127,9 +138,12 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once over the flattened batch, sample, and report what changed."""
+        failed = self._start_grammars() if self.compiling else []
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
-            return []
+            if self.compiling and not failed:  # nothing to run until a grammar is compiled: wait a little for one
+                self.structured_output.wait_any([r.seqs[0].grammar for r in self.compiling.values()], 0.01)
+            return failed
         self.num_steps += 1
         self.recent_step_num_tokens.append(scheduled.num_batched_tokens)
         try:
@@ -143,16 +157,37 @@ class LLMEngine:
             sampled = self.sampler(logits, sampled_seqs)
         except Exception as error:  # noqa: BLE001 — one bad step fails its requests, never the engine
             logger.exception("step failed; failing its %d sequences", len(scheduled.scheduled))
-            return self._fail(scheduled, error)
+            return failed + self._fail(scheduled, error)
 
         self.scheduler.update_from_output(scheduled, sampled_seqs, sampled.token_ids)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, token_logprobs in zip(sampled_seqs, sampled.logprobs):
+            request = touched[seq.request_id] = self.requests[seq.request_id]
             if self.output_processor.on_token(seq, token_logprobs, now):
                 self.scheduler.finish(seq, "stop")
-            touched[seq.request_id] = self.requests[seq.request_id]
-        return [output for request in touched.values() if (output := self._output(request)) is not None]
+            elif seq.grammar is not None and not seq.is_finished:
+                grammar_error = seq.grammar.accept(seq.token_ids[-1])
+                if grammar_error is not None:
+                    self._mark_failed(request, grammar_error)
+                elif seq.grammar.terminated:  # the grammar is complete: nothing more may follow
+                    self.scheduler.finish(seq, "stop")
+        return failed + [output for request in touched.values() if (output := self._output(request)) is not None]
+
+    def _start_grammars(self) -> list[RequestOutput]:
+        """Give requests whose grammar finished compiling their matcher; fail those whose grammar did not compile."""
+        outputs = []
+        for request_id, request in list(self.compiling.items()):
+            state = request.seqs[0].grammar
+            if not state.compiling.done():
+                continue
+            del self.compiling[request_id]
+            error = self.structured_output.start(state)
+            if error is not None:
+                self._mark_failed(request, error)
+                if (output := self._output(request)) is not None:
+                    outputs.append(output)
+        return outputs
 
     def _sampling_rows(self, scheduled: SchedulerOutput) -> tuple[list[Sequence], list[int]]:
         """The sequences that get a token this step and the logits row each samples from. When the prompt of an
@@ -194,18 +229,22 @@ class LLMEngine:
         outputs = []
         for request_id in {item.seq.request_id for item in scheduled.scheduled}:
             request = self.requests[request_id]
-            request.error = f"{type(error).__name__}: {error}"
-            for seq in request.seqs:
-                if not seq.is_finished:
-                    self.scheduler.finish(seq, "abort")
-            while len(request.seqs) < request.params.num_samples:  # samples never forked still need an end
-                child = self.intake.fork(request, request.seqs[0], len(request.seqs))
-                child.status, child.finish_reason = SequenceStatus.FINISHED, "abort"
-                self.output_processor.add(child)
+            self._mark_failed(request, f"{type(error).__name__}: {error}")
             output = self._output(request)
             if output is not None:
                 outputs.append(output)
         return outputs
+
+    def _mark_failed(self, request: Request, message: str) -> None:
+        """End every sample of `request` with `abort` and the error; its output reports it."""
+        request.error = message
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+        while len(request.seqs) < request.params.num_samples:  # samples never forked still need an end
+            child = self.intake.fork(request, request.seqs[0], len(request.seqs))
+            child.status, child.finish_reason = SequenceStatus.FINISHED, "abort"
+            self.output_processor.add(child)
 
     # --- statistics -------------------------------------------------------------------------------------------
 

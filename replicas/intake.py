@@ -17,7 +17,12 @@ OutputKind = Literal["cumulative", "delta"]
 
 
 class RequestError(ValueError):
-    """A request the engine refuses; the message says why and what would be accepted."""
+    """A request the engine refuses; the message says why and what would be accepted. `param`: the request field
+    at fault, when one is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLongError(RequestError):
@@ -93,6 +98,8 @@ class RequestIntake:
     def fork(self, request: Request, parent: Sequence, index: int) -> Sequence:
         """Sample `index` of `request`, forked from its prefilled first sequence."""
         child = parent.fork(self.next_seq_id(), index, self.rng_key(request.params, index))
+        if parent.grammar is not None:
+            child.grammar = parent.grammar.fork()  # its own matcher, from the parent's state
         request.seqs.append(child)
         return child
 

@@ -1,4 +1,4 @@
-"""Turns a step's logits into next tokens: penalties, greedy, temperature, top-k, top-p, min-p, seeds, logprobs."""
+"""Turns logits into next tokens: penalties, grammar masks, greedy, temperature, top-k/p, min-p, seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ class Sampler:
             logits = apply_logit_bias(logits, params)
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits, seqs)
+        constrained = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if constrained:  # structured outputs: tokens outside each row's grammar get -inf (in place)
+            # NOTE: imported here: structured_output imports intake, which imports this module.
+            from replicas.structured_output import apply_token_bitmasks
+
+            apply_token_bitmasks(logits, constrained, [seqs[i].grammar.bitmask for i in constrained])
         need_logprobs = [p.logprobs is not None or p.num_samples > p.n for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(need_logprobs) else None
 

@@ -2,9 +2,67 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_LOGPROBS = 20
+
+
+class StructuredOutputParams(BaseModel):
+    """Constrain the output to a grammar (vLLM's `guided_decoding`): exactly one of a JSON schema, any JSON object,
+    a regular expression, a list of choices, or an EBNF grammar (xgrammar's dialect, GBNF-like)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: str | None = Field(default=None, description="JSON schema, as JSON text (a dict is serialized)")
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    param: str = Field(default="structured_output", description="the request field it came from, for errors")
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_as_text(cls, schema: Any) -> Any:
+        if isinstance(schema, (dict, bool)):
+            return json.dumps(schema)
+        if isinstance(schema, str):
+            try:
+                parsed = json.loads(schema)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"the JSON schema is not valid JSON: {error}") from error
+            if not isinstance(parsed, (dict, bool)):
+                raise ValueError("a JSON schema must be an object")
+        return schema
+
+    @field_validator("choice")
+    @classmethod
+    def _choices_not_empty(cls, choice: list[str] | None) -> list[str] | None:
+        if choice is not None and (not choice or any(c == "" for c in choice)):
+            raise ValueError("choice needs at least one non-empty string")
+        return choice
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StructuredOutputParams":
+        given = [name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json_schema, json_object, regex, choice, grammar (got {given})")
+        return self
+
+    def key(self) -> tuple[str, str]:
+        """(kind, spec text): what the compiled grammar is cached by."""
+        if self.json_schema is not None:
+            return ("json", self.json_schema)
+        if self.json_object:
+            return ("json_object", "")
+        if self.regex is not None:
+            return ("regex", self.regex)
+        if self.choice is not None:
+            return ("choice", json.dumps(self.choice))
+        return ("grammar", self.grammar or "")
 
 
 class SamplingParams(BaseModel):
@@ -34,6 +92,7 @@ class SamplingParams(BaseModel):
     )
     logit_bias: dict[int, float] = Field(default_factory=dict, description="added to the token's logit (OpenAI)")
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputParams | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

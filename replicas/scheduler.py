@@ -113,6 +113,9 @@ class Scheduler:
         # NOTE: admitting new work in a step that had to preempt would only preempt again next step.
         while self.waiting and budget > 0 and not output.preempted:
             seq = self.waiting[0]
+            if seq.grammar is not None and not seq.grammar.ready:
+                deferred.append(self.waiting.popleft())  # its grammar is still compiling: others go first
+                continue
             if num_seqs + _group_size(seq) > self.max_num_seqs:
                 break
             # NOTE: a cached block holds K/V but no logits, so a request for prompt logprobs skips the prefix cache

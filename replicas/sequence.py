@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from replicas.sampling_params import SamplingParams
 
@@ -41,6 +42,9 @@ class Sequence:
     stop_reason: str | int | None = None
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    # Structured outputs: the `GrammarState` (replicas/structured_output.py) of a constrained sequence. NOTE: kept
+    # through preemption: the tokens it accepted stay in `token_ids` and are recomputed, not resampled.
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:

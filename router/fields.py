@@ -23,7 +23,8 @@ REFUSED_CHAT_FIELDS: dict[str, str] = {
     "least-recently-used blocks when memory runs short",
     "prompt_cache_options": "prompt cache options cannot be set per request: prefix caching is automatic, "
     "block by block",
-    # NOTE: structured outputs and tool calling are being built (issue 17); until then they are refused here.
+    # NOTE: tool calling is being built (issue 17); until then it is refused here. Structured outputs are served
+    # (router/structured_outputs.py).
     "tools": "tool calling is not supported yet",
     "tool_choice": "tool calling is not supported yet",
     "functions": "function calling is not supported yet (and `functions` is deprecated by OpenAI: use tools)",
@@ -42,11 +43,6 @@ REFUSED_VLLM_FIELDS: dict[str, str] = {
     "continue_final_message": "continue_final_message is not supported",
     "documents": "documents (RAG templates) are not supported",
     "mm_processor_kwargs": "multimodal inputs are not supported: the served models read text only",
-    "guided_json": "structured outputs are not supported yet",
-    "guided_regex": "structured outputs are not supported yet",
-    "guided_choice": "structured outputs are not supported yet",
-    "guided_grammar": "structured outputs are not supported yet",
-    "structured_outputs": "structured outputs are not supported yet",
     "cache_salt": "cache_salt is not supported: the prefix cache is shared by all requests",
     "kv_transfer_params": "KV transfer (disaggregated prefill) is not supported",
     "vllm_xargs": "vllm_xargs is not supported",
@@ -80,9 +76,6 @@ def check_field_values(request: CompletionRequest | ChatCompletionRequest) -> No
             raise bad_request(f"service_tier {request.service_tier!r} is not offered: this server has one tier; "
                               "send 'auto' or 'default', or leave it out", "service_tier",
                               code="unsupported_field")  # fmt: skip
-        if request.response_format is not None and request.response_format.type != "text":
-            raise bad_request(f"response_format {request.response_format.type!r} is not supported yet: only "
-                              "{'type': 'text'}", "response_format", code="unsupported_field")  # fmt: skip
         if request.modalities is not None and "audio" in request.modalities:
             raise bad_request("modalities: audio output is not supported: the served models generate text only; "
                               "send ['text']", "modalities", code="unsupported_field")  # fmt: skip

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from replicas.sampling_params import SamplingParams
 from router.errors import bad_request, from_validation_error
 from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.structured_outputs import to_structured_output
 
 # Fields copied as they are when the client set them; ranges are SamplingParams' to check.
 _PASSTHROUGH = (
@@ -111,6 +112,8 @@ def to_sampling_params(
             code="context_length_exceeded",
         )
     fields["max_tokens"] = max_tokens
+    if (structured_output := to_structured_output(request)) is not None:
+        fields["structured_output"] = structured_output
     try:
         return SamplingParams(**fields)
     except ValidationError as error:

@@ -26,11 +26,32 @@ class StreamOptions(_Request):
     include_obfuscation: bool | None = None  # OpenAI's padding against size side channels: only `false` is accepted
 
 
+class JsonSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
-    """Only `text` is served yet; `json_object` and `json_schema` are refused until structured outputs land."""
+    """OpenAI's `response_format`: `text` (no constraint, the default), `json_object` or `json_schema`."""
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's `structured_outputs` extra (the successor of its `guided_*` fields): one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _SamplingFields(_Request):
@@ -65,6 +86,14 @@ class _SamplingFields(_Request):
     priority: int = Field(
         default=0, description="lower runs first under the `priority` and `fair` scheduling policies; fcfs ignores it"
     )
+    # Structured outputs (router/structured_outputs.py): OpenAI's `response_format`, vLLM's `guided_*` extras and
+    # its `structured_outputs` object; at most one of them.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -103,13 +132,13 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True  # vLLM extra
     prompt_logprobs: int | None = None  # vLLM extra: the response's `prompt_logprobs`, this many alternatives
-    # OpenAI's chat fields accepted with no effect, no effect on a self-hosted server (README "Request fields"); refused values are in router/fields.py.
+    # OpenAI's chat fields accepted with no effect on a self-hosted server (README "Request fields"); refused
+    # values are in router/fields.py. `response_format` (structured outputs) is in _SamplingFields.
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None  # no effect without tools
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     modalities: list[Literal["text", "audio"]] | None = None

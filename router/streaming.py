@@ -31,7 +31,7 @@ def to_api_error(error: BaseException) -> APIError:
     if isinstance(cause, APIError):
         return cause
     if isinstance(cause, RequestRejectedError):
-        return APIError(400, str(cause))
+        return APIError(400, str(cause), param=getattr(cause, "param", None))
     if isinstance(cause, BackPressureError):
         return APIError(
             cause.status_code,

@@ -60,8 +60,7 @@ def test_prompt_logprobs_is_served_not_refused() -> None:
     assert refuse_known_fields(payload, REFUSED_VLLM_FIELDS) == payload
 
 
-@pytest.mark.parametrize(("field", "value"), [("store", True), ("service_tier", "flex"), ("modalities", ["audio"]),
-                                              ("response_format", {"type": "json_object"})])  # fmt: skip
+@pytest.mark.parametrize(("field", "value"), [("store", True), ("service_tier", "flex"), ("modalities", ["audio"])])
 def test_values_this_server_cannot_honour_are_refused(field: str, value: object) -> None:
     request = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hi")], **{field: value})
     with pytest.raises(APIError) as refused:
@@ -74,6 +73,22 @@ def test_harmless_values_pass() -> None:
                                     service_tier="auto", modalities=["text"], response_format={"type": "text"},
                                     metadata={"k": "v"})  # fmt: skip
     check_field_values(request)
+
+
+@pytest.mark.parametrize("response_format", [{"type": "text"}, {"type": "json_object"},
+                                             {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}])
+def test_structured_output_response_formats_pass(response_format: dict) -> None:
+    request = ChatCompletionRequest(messages=[ChatMessage(role="user", content="Hi")], response_format=response_format)
+    check_field_values(request)
+
+
+def test_structured_output_fields_are_served_and_tool_calling_stays_refused() -> None:
+    served = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+              "structured_outputs"}  # fmt: skip
+    assert not served & (REFUSED_CHAT_FIELDS.keys() | REFUSED_VLLM_FIELDS.keys())
+    assert {"tools", "tool_choice", "functions", "function_call"} <= REFUSED_CHAT_FIELDS.keys()
+    payload = {"messages": [], "guided_choice": ["a", "b"], "structured_outputs": {"regex": "a+"}}
+    assert refuse_known_fields(payload, {**REFUSED_CHAT_FIELDS, **REFUSED_VLLM_FIELDS}) == payload
 
 
 @pytest.fixture(scope="module")
