@@ -43,6 +43,11 @@ def copy_blocks(key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
         value_cache.index_copy_(0, dst, value_cache.index_select(0, src))
 
 
+# Padded K/V elements (sequences x context x KV heads x head dim) below which a step's decodes (or prefill chunks)
+# stay one group: a 4-layer 64-wide model's 24 decodes (~0.3 M) in one, the default model's 64 (~5 M) split.
+MIN_SPLIT_ELEMENTS = 1 << 20
+
+
 class TorchAttentionBackend:
     """The PyTorch backend as the model runner holds it: one per engine, owning the state its layers share.
 
@@ -106,7 +111,10 @@ def paged_attention(
     on the step's metadata, so `plan_cache` lets every layer of a step reuse it; `workspace` holds the buffer the
     context is gathered into. Without them the plan is built and the buffer allocated for this call alone.
     """
-    plan_args = (query_start_loc, seq_lens, block_tables, key_cache.shape[1], sliding_window, query.dtype)
+    # One group while the padded context of the step is small in elements: launches cost more than padding then.
+    min_split_work = max(4096, MIN_SPLIT_ELEMENTS // (key_cache.shape[2] * key_cache.shape[3]))
+    plan_args = (query_start_loc, seq_lens, block_tables, key_cache.shape[1], sliding_window, query.dtype,
+                 min_split_work)  # fmt: skip
     plan = plan_cache.get_or_build(*plan_args) if plan_cache is not None else _build_plan(*plan_args)
     workspace = workspace if workspace is not None else GatherWorkspace()
     if len(plan) == 1:
@@ -146,15 +154,17 @@ class PlanCache:
         block_size: int,
         sliding_window: int | None,
         dtype: torch.dtype,
+        min_split_work: int = 4096,
     ) -> list[_GroupPlan]:
-        metadata, layout = (query_start_loc, seq_lens, block_tables), (block_size, sliding_window, dtype)
+        metadata, layout = (query_start_loc, seq_lens, block_tables), (block_size, sliding_window, dtype, min_split_work)
         # NOTE: identity, not equality: the model runner passes the same metadata tensors to every layer of a step,
         # and comparing contents would cost a device sync per layer. Holding the tensors keeps their ids from being
         # reused by later ones. A runner that rewrites metadata in place must pass new tensor objects (views will do)
         # each step: inference tensors carry no version counter that could tell.
         if layout == self._layout and all(cached is current for cached, current in zip(self._metadata, metadata)):
             return self._plan
-        self._plan = _build_plan(query_start_loc, seq_lens, block_tables, block_size, sliding_window, dtype)
+        self._plan = _build_plan(query_start_loc, seq_lens, block_tables, block_size, sliding_window, dtype,
+                                 min_split_work)  # fmt: skip
         self._metadata, self._layout = metadata, layout
         return self._plan
 
@@ -166,14 +176,15 @@ def _build_plan(
     block_size: int,
     sliding_window: int | None,
     dtype: torch.dtype,
+    min_split_work: int = 4096,
 ) -> list[_GroupPlan]:
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     q_lens_list, seq_lens_list = q_lens.tolist(), seq_lens.tolist()
     decodes = [i for i, q in enumerate(q_lens_list) if q == 1]
     prefills = [i for i, q in enumerate(q_lens_list) if q > 1]
     # Decodes are bucketed by context length, prefill chunks by chunk length: what each group is padded to.
-    groups = _length_buckets(decodes, [seq_lens_list[i] for i in decodes])
-    groups += _length_buckets(prefills, [q_lens_list[i] for i in prefills])
+    groups = _length_buckets(decodes, [seq_lens_list[i] for i in decodes], min_split_work=min_split_work)
+    groups += _length_buckets(prefills, [q_lens_list[i] for i in prefills], min_split_work=min_split_work)
     if len(groups) == 1:
         return [_group_plan(None, query_start_loc, seq_lens, block_tables, block_size, sliding_window, dtype)]
     plans = []
