@@ -38,7 +38,9 @@ def free_port() -> int:
 
 
 def server_env() -> dict[str, str]:
-    env = dict(os.environ)
+    from deploy.serve_local import LOCAL_RAY_ENV
+
+    env = {**LOCAL_RAY_ENV, **os.environ}  # Ray as `make serve` starts it
     env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled",
                 "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
                 # Ray runs its workers at nice 15 by default; the baselines and the load generator run at 0, so on
@@ -142,8 +144,8 @@ class BaselineServer:
 # --- this system through `serve run` ---------------------------------------------------------------------------
 
 
-def serve_config(variants: dict[str, dict[str, Any]], port: int, model: Path,
-                 base: Path = DEPLOY_CONFIG) -> dict[str, Any]:  # fmt: skip
+def serve_config(variants: dict[str, dict[str, Any]], port: int, model: Path, base: Path = DEPLOY_CONFIG,
+                 app_overrides: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """deploy/config.yaml's application once per variant (`/<name>` route, engine fields overridden)."""
     config = yaml.safe_load(base.read_text())
     template = config["applications"][0]
@@ -155,6 +157,11 @@ def serve_config(variants: dict[str, dict[str, Any]], port: int, model: Path,
         app["route_prefix"] = f"/{name}"
         app["args"]["model"] = str(model.resolve())
         app["args"]["engine"] = {**app["args"].get("engine", {}), **engine_overrides}
+        for key, value in (app_overrides or {}).items():  # `args.x` sets an arg, anything else the app's field
+            if key.startswith("args."):
+                app["args"][key[5:]] = value
+            else:
+                app[key] = value
         applications.append(app)
     config["applications"] = applications
     return config
@@ -163,8 +170,10 @@ def serve_config(variants: dict[str, dict[str, Any]], port: int, model: Path,
 class ServeCluster:
     """A Ray head (own port and temp dir) and `serve run` of the variants' config on it."""
 
-    def __init__(self, variants: dict[str, dict[str, Any]], model: Path, log_dir: Path, num_cpus: int = 8) -> None:
+    def __init__(self, variants: dict[str, dict[str, Any]], model: Path, log_dir: Path, num_cpus: int = 8,
+                 app_overrides: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.variants = variants
+        self.app_overrides = app_overrides
         self.model = model
         self.log_dir = log_dir
         self.num_cpus = num_cpus  # logical: placement only; each replica's torch threads are set in its engine
@@ -195,7 +204,8 @@ class ServeCluster:
             )  # fmt: skip
         wait_until(lambda: "Ray runtime started" in head_log.read_text(), 120, "ray head", self.head, head_log)
         config_path = self.log_dir / "serve_config.yaml"
-        config_path.write_text(yaml.safe_dump(serve_config(self.variants, self.http_port, self.model)))
+        config_path.write_text(yaml.safe_dump(serve_config(self.variants, self.http_port, self.model,
+                                                       app_overrides=self.app_overrides)))
         serve_log = self.log_dir / "serve_run.log"
         with serve_log.open("w") as out:
             self.serve = subprocess.Popen([str(SERVE_BIN), "run", "--address", self.address, str(config_path)],

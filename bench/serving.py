@@ -607,7 +607,19 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{len(os.sched_getaffinity(0))} vCPUs ({model}), {psutil.virtual_memory().total / GiB:.0f} GiB, no GPU"
+    return (f"{len(os.sched_getaffinity(0))} vCPUs ({model}; {cpu_flags()}), "
+            f"{psutil.virtual_memory().total / GiB:.0f} GiB, no GPU")  # fmt: skip
+
+
+def cpu_flags() -> str:
+    """The vector-ISA flags that decide CPU kernel speed here (/proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "flags unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
+    return "flags " + " ".join(f for f in wanted if f in flags)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -621,6 +633,7 @@ def main() -> None:
     # way out (the run then went on to the next level): with a handler of our own, Ctrl-C ends the whole run and
     # the `finally` blocks stop every server.
     signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` and `kill` too: the servers are stopped on the way out
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
@@ -638,7 +651,29 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--update", action="store_true",
                         help="re-run only --systems and merge them into the existing results file")  # fmt: skip
+    parser.add_argument("--profile", action="store_true",
+                        help="one pass of --users streaming clients: per-process CPU shares, served vs offline "
+                             "(bench/serving_profile.py)")  # fmt: skip
+    parser.add_argument("--users", type=int, default=64, help="--profile: clients sent at once")
+    parser.add_argument("--label", default="current", help="--profile: results file suffix")
+    parser.add_argument("--engine", default=None, help="--profile: engine overrides as JSON")
+    parser.add_argument("--app", default=None,
+                        help='--profile: app overrides as JSON ({"args.stream_messages_per_s": 100, "runtime_env": ...})')
+    parser.add_argument("--skip-offline", action="store_true", help="--profile: served pass only")
     args = parser.parse_args()
+    if args.profile:
+        from bench import serving_profile
+
+        log_dir = Path(tempfile.mkdtemp(prefix="bench-profile-"))
+        result = serving_profile.run_profile(args.model, args.users, args.seed, args.label, log_dir,
+                                             num_cpus=len(os.sched_getaffinity(0)),
+                                             engine_overrides=json.loads(args.engine) if args.engine else None,
+                                             app_overrides=json.loads(args.app) if args.app else None,
+                                             offline=not args.skip_offline)
+        result["machine"] = machine_description()
+        print(serving_profile.report(result))
+        print(f"written {serving_profile.save(result, args.output_dir)}")
+        return
 
     mode = QUICK if args.quick else FULL
     overrides: dict[str, Any] = {}

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from replicas.config import EngineConfig
-from replicas.contract import ModelInfo, RequestOutput
+from replicas.contract import ModelInfo, RequestOutput, merge_deltas
 from replicas.engine import LLMEngine
 from replicas.intake import OutputKind
 from replicas.outputs import EngineStats
@@ -115,6 +115,12 @@ class AsyncEngine:
             await accepted
             while True:
                 item = await outputs.get()
+                if output_kind == "delta":
+                    # NOTE: a consumer that fell behind gets what piled up as one output: one message for the
+                    # replica to send however many steps it missed, not one per step.
+                    while not isinstance(item, BaseException) and not item.finished and not outputs.empty():
+                        later = outputs.get_nowait()
+                        item = later if isinstance(later, BaseException) else merge_deltas(item, later)
                 if isinstance(item, BaseException):
                     raise item
                 yield item

@@ -180,3 +180,29 @@ class RequestOutput:
     # With `SamplingParams.prompt_logprobs`: per prompt token, its logprob, rank and top alternatives; the first
     # token's is None (nothing precedes it). Delta outputs carry them once, in the first output.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive delta outputs of one request as one (a consumer that fell behind gets one message, not many).
+
+    Completions are matched by index; text, tokens and logprobs concatenate; finish state, timings and the
+    cumulative logprob come from the later one; prompt logprobs (sent once) from whichever carries them."""
+    completions = {completion.index: completion for completion in earlier.outputs}
+    for completion in later.outputs:
+        previous = completions.get(completion.index)
+        if previous is None:
+            completions[completion.index] = completion
+            continue
+        logprobs = None
+        if previous.logprobs is not None or completion.logprobs is not None:
+            logprobs = (previous.logprobs or []) + (completion.logprobs or [])
+        completions[completion.index] = CompletionOutput(
+            completion.index, previous.text + completion.text, previous.token_ids + completion.token_ids,
+            completion.finish_reason, completion.stop_reason, logprobs, completion.cumulative_logprob,
+        )  # fmt: skip
+    return RequestOutput(
+        later.request_id, later.prompt, later.prompt_token_ids or earlier.prompt_token_ids,
+        sorted(completions.values(), key=lambda completion: completion.index), later.finished,
+        max(earlier.num_cached_tokens, later.num_cached_tokens), later.error or earlier.error, later.metrics,
+        earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
+    )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 # How many of the most recently registered prefix-cache block hashes a replica reports (about 32 KiB of hex).
 DEFAULT_REPORTED_PREFIX_HASHES = 1024
+# Each stream message costs the replica, the ingress and the proxy about as much CPU as it costs (bench.serving
+# --profile): past this rate over all of a replica's streams, a stream's deltas are merged (docs/design.md).
+DEFAULT_STREAM_MESSAGES_PER_S = 200.0
 
 
 class EngineUnhealthyError(RuntimeError):
@@ -43,6 +47,7 @@ class LLMReplica:
         engine_config: dict[str, Any],
         stall_timeout_s: float = 60.0,
         reported_prefix_hashes: int = DEFAULT_REPORTED_PREFIX_HASHES,
+        stream_messages_per_s: float | None = DEFAULT_STREAM_MESSAGES_PER_S,
     ) -> None:
         config = EngineConfig(**engine_config)
         if config.num_threads is None:
@@ -54,6 +59,11 @@ class LLMReplica:
         self.reported_prefix_hashes = reported_prefix_hashes
         self._model_info = self.engine.model_info()
         self.metrics = ReplicaMetrics(self.engine, model=self._model_info.model, replica=_replica_id())
+        # Stream messages sent to callers and the output tokens they carried (bench.serving --profile reads them).
+        self._stream_messages = 0
+        self._stream_tokens = 0
+        self._stream_messages_per_s = stream_messages_per_s
+        self._num_open_streams = 0
         logger.info("replica ready: %s", self._model_info)
 
     async def generate(
@@ -70,14 +80,27 @@ class LLMReplica:
         Raises `RequestRejectedError` for a request the engine refuses and `EngineUnavailableError` when the engine
         loop is gone. Cancelling the call (a client disconnect) aborts the request and frees its KV blocks.
         """
-        finished = False
+        finished = sent = False
+        self._num_open_streams += 1
         try:
             async for output in self.engine.generate(
                 request_id, prompt_token_ids=prompt_token_ids, params=params, output_kind="delta", priority=priority
             ):
                 self.metrics.observe(output)
                 finished = output.finished
+                self._stream_messages += 1
+                self._stream_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+                if sent:
+                    output.prompt_token_ids = []  # the caller has the prompt: only the first delta carries it
+                sent, sent_at = True, time.monotonic()
                 yield output
+                if not finished and self._stream_messages_per_s is not None:
+                    # Let the next steps' deltas pile up (AsyncEngine merges them): at most this many messages per
+                    # second over all streams. A lone stream's interval is shorter than a step: no delay.
+                    interval_s = self._num_open_streams / self._stream_messages_per_s
+                    delay_s = sent_at + interval_s - time.monotonic()
+                    if delay_s > 0:
+                        await asyncio.sleep(delay_s)
         # NOTE: re-raised as the contract's torch-free errors: the caller unpickles what is raised here, and the
         # engine's own classes live in modules that import torch (the ingress must not load it).
         except RequestError as error:
@@ -85,12 +108,17 @@ class LLMReplica:
         except EngineDeadError as error:
             raise EngineUnavailableError(str(error)) from error
         finally:
+            self._num_open_streams -= 1
             if not finished:
                 self.metrics.cancelled(request_id)
 
     def model_info(self) -> dict[str, Any]:
         """`ModelInfo.to_dict()`: what the ingress needs to validate requests the way this engine will."""
         return self._model_info.to_dict()
+
+    def stream_counters(self) -> dict[str, int]:
+        """Stream messages sent and the output tokens in them, since the replica started."""
+        return {"messages": self._stream_messages, "tokens": self._stream_tokens}
 
     def check_health(self) -> None:
         """Fails when the engine loop died, or has had work but not finished a step for `stall_timeout_s`."""

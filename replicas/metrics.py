@@ -122,16 +122,23 @@ class ReplicaMetrics:
             return
         timing = self._requests.setdefault(output.request_id, _RequestTiming())
         if timings.last_token_time is not None and timings.last_token_time != timing.last_token_time:
+            # A delta may carry several steps' tokens (a caller that fell behind): their gaps are spread evenly.
+            num_tokens = max((len(completion.token_ids) for completion in output.outputs), default=1)
             if timing.last_token_time is None:
                 if timings.first_token_time is not None:
                     self.time_to_first_token.observe(timings.first_token_time - timings.arrival_time)
+                    self._observe_gaps(timings.last_token_time - timings.first_token_time, num_tokens - 1)
                 if timings.first_scheduled_time is not None:
                     self.request_queue_time.observe(timings.first_scheduled_time - timings.arrival_time)
             else:
-                self.inter_token_latency.observe(timings.last_token_time - timing.last_token_time)
+                self._observe_gaps(timings.last_token_time - timing.last_token_time, num_tokens)
             timing.last_token_time = timings.last_token_time
         if output.finished:
             self.finish(output)
+
+    def _observe_gaps(self, elapsed_s: float, num_gaps: int) -> None:
+        for _ in range(num_gaps):
+            self.inter_token_latency.observe(elapsed_s / num_gaps)
 
     def finish(self, output: RequestOutput) -> None:
         """The request ended (or its caller went away): count it by finish reason and forget it."""

@@ -12,7 +12,7 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
 
 from replicas.config import EngineConfig
-from replicas.deployment import LLMReplica
+from replicas.deployment import DEFAULT_STREAM_MESSAGES_PER_S, LLMReplica
 from router.ingress import IngressConfig, OpenAIIngress
 
 DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
@@ -45,6 +45,11 @@ class AppArgs(BaseModel):
     retry_after_s: float = Field(default=1.0, ge=0)
     stall_timeout_s: float = Field(default=60.0, gt=0, description="health check fails after this long stalled")
     routing_stats_period_s: float = Field(default=1.0, gt=0)
+    stream_messages_per_s: float | None = Field(
+        default=DEFAULT_STREAM_MESSAGES_PER_S, gt=0,
+        description="most stream messages a replica sends per second over all its requests: with many streams "
+        "open, each stream's deltas are merged over 1/(this/streams) s (None: one message per step per request)",
+    )  # fmt: skip
     router: dict[str, Any] = Field(default_factory=dict, description="KVAwareRequestRouter.initialize_state kwargs")
     ingress: dict[str, Any] = Field(default_factory=dict, description="more IngressConfig fields (api_key, max_n...)")
 
@@ -123,8 +128,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         # NOTE: Serve already places replicas with Ray's SPREAD strategy; this is the hard cap on top of it.
         options["max_replicas_per_node"] = args.max_replicas_per_node
     replica = LLMReplica.options(**options).bind(
-        engine_config.model_dump(exclude_defaults=True), stall_timeout_s=args.stall_timeout_s
-    )
+        engine_config.model_dump(exclude_defaults=True), stall_timeout_s=args.stall_timeout_s,
+        stream_messages_per_s=args.stream_messages_per_s,
+    )  # fmt: skip
     ingress_config = IngressConfig(
         model=args.model,
         tokenizer=engine_config.tokenizer,

@@ -86,3 +86,21 @@ def test_decode_stream_matches_the_windowed_detokenizer(tokenizer, skip_special_
                 output = output[:3] + [rng.choice(specials)] + output[3:]
             expected = windowed_reference(tokenizer, prompt, output, skip_special_tokens)
             assert streamed(tokenizer, prompt, output, skip_special_tokens) == expected
+
+
+def test_merged_deltas_concatenate_and_keep_the_later_finish_state() -> None:
+    from replicas.contract import CompletionOutput, RequestOutput, TokenLogprobs, merge_deltas
+
+    first = RequestOutput("r", None, [1, 2], [CompletionOutput(0, "a", [5], logprobs=[TokenLogprobs(5, -0.1, 1, {})]),
+                                              CompletionOutput(1, "x", [7])], False, num_cached_tokens=8,
+                          prompt_logprobs=[None])  # fmt: skip
+    second = RequestOutput("r", None, [], [CompletionOutput(0, "b", [6], "length", None,
+                                                            [TokenLogprobs(6, -0.2, 1, {})], -0.3)], True)  # fmt: skip
+    merged = merge_deltas(first, second)
+    assert merged.finished and merged.prompt_token_ids == [1, 2] and merged.prompt_logprobs == [None]
+    assert merged.num_cached_tokens == 8
+    by_index = {c.index: c for c in merged.outputs}
+    assert (by_index[0].text, by_index[0].token_ids, by_index[0].finish_reason) == ("ab", [5, 6], "length")
+    assert [e.token_id for e in by_index[0].logprobs] == [5, 6] and by_index[0].cumulative_logprob == -0.3
+    assert (by_index[1].text, by_index[1].token_ids, by_index[1].finish_reason) == ("x", [7], None)
+    assert first.outputs[0].token_ids == [5]  # the inputs are not modified

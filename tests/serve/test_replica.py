@@ -24,18 +24,40 @@ def replica(tiny_llama_dir: Path):
     instance.engine.shutdown()
 
 
-def generate(replica, prompt: list[int], max_tokens: int) -> list:
+def generate(replica, prompt: list[int], max_tokens: int, request_id: str = "r1") -> list:
     async def collect() -> list:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return [output async for output in replica.generate("r1", prompt, params, prefix_hashes=[])]
+        return [output async for output in replica.generate(request_id, prompt, params, prefix_hashes=[])]
 
     return asyncio.run(collect())
 
 
-def test_generate_streams_one_delta_per_token(replica) -> None:
-    outputs = generate(replica, list(range(100, 120)), max_tokens=5)
-    assert [len(output.outputs[0].token_ids) for output in outputs] == [1] * 5
+def test_generate_streams_deltas_with_the_prompt_in_the_first_only(replica) -> None:
+    prompt = list(range(100, 120))
+    outputs = generate(replica, prompt, max_tokens=5)
+    assert sum(len(output.outputs[0].token_ids) for output in outputs) == 5
+    assert all(output.outputs[0].token_ids for output in outputs)
+    assert outputs[0].prompt_token_ids == prompt
+    assert all(output.prompt_token_ids == [] for output in outputs[1:])
     assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
+    assert replica.stream_counters() == {"messages": len(outputs), "tokens": 5}
+
+
+def test_streams_over_the_message_rate_get_merged_deltas(tiny_llama_dir: Path) -> None:
+    config = {"model": str(tiny_llama_dir), "kv_cache_memory_bytes": 4 * 2**20, "num_threads": 1}
+    capped = LLMReplica.func_or_class(config, stream_messages_per_s=4.0)  # one message per 0.25 s per stream
+    uncapped = LLMReplica.func_or_class(config, stream_messages_per_s=None)
+    try:
+        prompt = list(range(300, 316))
+        merged, plain = generate(capped, prompt, max_tokens=40), generate(uncapped, prompt, max_tokens=40)
+        assert len(merged) < 40 and any(len(output.outputs[0].token_ids) > 1 for output in merged)
+        tokens = [token for output in merged for token in output.outputs[0].token_ids]
+        assert tokens == [token for output in plain for token in output.outputs[0].token_ids]
+        assert "".join(o.outputs[0].text for o in merged) == "".join(o.outputs[0].text for o in plain)
+        assert capped.stream_counters() == {"messages": len(merged), "tokens": 40}
+    finally:
+        capped.engine.shutdown()
+        uncapped.engine.shutdown()
 
 
 def test_reported_prefix_hashes_are_the_ones_the_router_computes(replica) -> None:
