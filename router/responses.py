@@ -275,7 +275,9 @@ async def chat_events(
             chunk_usage = usage.usage()
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=chunk_usage))
 
-    yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")) for index in range(n)])
+    # With tools, content stays null until there is some: a reply of calls alone accumulates to null, as whole.
+    first = DeltaMessage(role="assistant", content=None if tools is not None else "")
+    yield chunk([ChatChunkChoice(index=index, delta=first) for index in range(n)])
     async for _, output in merge([stream]):
         usage.add(0, output)
         choices = []
