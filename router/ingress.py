@@ -239,8 +239,9 @@ class OpenAIIngress:
         # NOTE: vLLM hands `reasoning_effort` to the chat template too; a template that does not read it ignores it.
         template_variables = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else None
         tools = plan_tools(body, self.config.tool_call_parser)
-        prompt_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt, bool(body.add_special_tokens),
-                                                template_variables, tools.template_tools())  # fmt: skip
+        prompt_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt,
+                                                bool(body.add_special_tokens), template_variables,
+                                                tools.template_tools())  # fmt: skip
         prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, info.max_model_len)
         params = to_sampling_params(body, len(prompt_ids), info.max_model_len, self._max_n(info), tools)
         tools = tools if tools.reads_calls else None

@@ -24,6 +24,15 @@ def _tool(parameters: object) -> dict:
     return {"type": "function", "function": {"name": "f", "parameters": parameters}}
 
 
+def _with_call(**function: object) -> dict:
+    """A conversation whose assistant message has one call to `function` (name, arguments)."""
+    return _chat(messages=[ASK, {"role": "assistant", "tool_calls": [{**CALL, "function": function}]}])
+
+
+def _object_with(property_schema: dict) -> list[dict]:
+    return [_tool({"type": "object", "properties": {"a": property_schema}})]
+
+
 # (name, body, param, text the message must contain)
 BAD_TOOL_REQUESTS = [
     ("auto with no parser configured", _chat(tool_choice="auto"), "tool_choice", "tool_call_parser"),
@@ -39,30 +48,28 @@ BAD_TOOL_REQUESTS = [
     ("two functions of one name", _chat(tools=[TOOL, TOOL]), "tools", "unique"),
     ("parameters not an object schema", _chat(tools=[_tool({"type": "string"})]), "tools.0.function.parameters",
      "type object"),
-    ("parameters not a valid JSON schema", _chat(tools=[_tool({"type": "object", "properties": {"a": {"type": "strin"}}})]),
+    ("parameters not a valid JSON schema", _chat(tools=_object_with({"type": "strin"})),
      "tools.0.function.parameters", "not a valid JSON schema"),
-    ("parameters the grammar cannot compile", _chat(tools=[_tool({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})]),
-     "tools", "does not compile"),
+    ("parameters the grammar cannot compile", _chat(tools=_object_with({"$ref": "#/nowhere"})), "tools",
+     "does not compile"),
     ("required with a response_format too", _chat(response_format={"type": "json_object"}), "tool_choice",
      "constrains the output already"),
     ("tool message without tool_call_id", _chat(messages=[ASK, CALLED, {"role": "tool", "content": "sunny"}]),
      "messages.2.tool_call_id", "needs tool_call_id"),
-    ("tool message answering no call", _chat(messages=[ASK, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]),
-     "messages.1.tool_call_id", "answers no tool call"),
+    ("tool message answering no call",
+     _chat(messages=[ASK, {"role": "tool", "tool_call_id": "call_9", "content": "x"}]), "messages.1.tool_call_id",
+     "answers no tool call"),
     ("tool_call_id on a user message", _chat(messages=[{**ASK, "tool_call_id": "call_1"}]),
      "messages.0.tool_call_id", "only tool messages"),
     ("tool_calls on a user message", _chat(messages=[{**ASK, "tool_calls": [CALL]}]), "messages.0.tool_calls",
      "only assistant messages"),
     ("tool call without its function", _chat(messages=[ASK, {"role": "assistant", "tool_calls": [{"id": "c"}]}]),
      "messages.1.tool_calls.0.function", ""),
-    ("arguments as an object, not a string",
-     _chat(messages=[ASK, {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]}]),
-     "messages.1.tool_calls.0.function.arguments", ""),
-    ("arguments not JSON",
-     _chat(messages=[ASK, {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "{x"}}]}]),
-     "messages.1.tool_calls.0.function.arguments", "JSON object encoded as a string"),
-    ("arguments JSON but not an object",
-     _chat(messages=[ASK, {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "[1]"}}]}]),
+    ("arguments as an object, not a string", _with_call(name="f", arguments={}),
+     "messages.1.tool_calls.0.function.arguments", "valid string"),
+    ("arguments not JSON", _with_call(name="f", arguments="{x"), "messages.1.tool_calls.0.function.arguments",
+     "JSON object encoded as a string"),
+    ("arguments JSON but not an object", _with_call(name="f", arguments="[1]"),
      "messages.1.tool_calls.0.function.arguments", "JSON object encoded as a string"),
     ("deprecated functions", {"messages": [ASK], "functions": [TOOL["function"]]}, "functions", "as `tools`"),
     ("deprecated function_call", {"messages": [ASK], "function_call": {"name": "f"}}, "function_call", "tool_choice"),

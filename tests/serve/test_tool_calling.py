@@ -136,7 +136,8 @@ def test_tool_results_round_trip_into_an_answer(client: openai.OpenAI, model: st
                                            parallel_tool_calls=False, max_tokens=96, **GREEDY)  # fmt: skip
     call = first.choices[0].message.tool_calls[0]
     messages.append(first.choices[0].message.model_dump(exclude_none=True))  # content None, tool_calls
-    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 19, "sky": "clear"})})
+    result = json.dumps({"temperature": 19, "sky": "clear"})
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
     answer = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice="none",
                                             max_tokens=24, **GREEDY)  # fmt: skip
     choice = answer.choices[0]

@@ -63,12 +63,12 @@ def client(hermes_app: ServedApp) -> openai.OpenAI:
 
 
 def _forced(client: openai.OpenAI, regex: str, **request: object) -> object:
-    request = {"model": "hermes", "messages": ASK, "tools": TOOLS, "max_tokens": 96, "temperature": 0.0, **request}
+    request = {"model": "hermes", "messages": ASK, "tools": TOOLS, "max_tokens": 256, "temperature": 0.0, **request}
     return client.chat.completions.create(**request, extra_body={"guided_regex": regex})
 
 
 def _streamed(client: openai.OpenAI, regex: str, **request: object) -> tuple[object, str]:
-    request = {"model": "hermes", "messages": ASK, "tools": TOOLS, "max_tokens": 96, "temperature": 0.0, **request}
+    request = {"model": "hermes", "messages": ASK, "tools": TOOLS, "max_tokens": 256, "temperature": 0.0, **request}
     with client.chat.completions.stream(**request, extra_body={"guided_regex": regex}) as stream:
         for _ in stream:
             pass
@@ -130,7 +130,7 @@ def test_a_conversation_with_tool_results_renders_through_the_template(client: o
         {"role": "tool", "tool_call_id": "call_a", "content": '{"temperature": 21}'},
         {"role": "tool", "tool_call_id": "call_b", "content": '{"sky": "clear"}'},
     ]  # fmt: skip
-    answer = client.chat.completions.create(model="hermes", messages=messages, tools=TOOLS, max_tokens=4,
+    answer = client.chat.completions.create(model="hermes", messages=messages, tools=TOOLS, max_tokens=16,
                                             temperature=0.0, extra_body={"guided_regex": "It is (warm|cold)\\."})
     assert answer.choices[0].message.content in ("It is warm.", "It is cold.")
     expected = _render(model_dir, messages, tools=TOOLS)
