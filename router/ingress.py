@@ -272,8 +272,9 @@ class OpenAIIngress:
             add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
             token_ids = self.tokenizer.encode(body.prompt, add_special_tokens)
         else:
+            tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
             token_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt,
-                                                   bool(body.add_special_tokens))  # fmt: skip
+                                                   bool(body.add_special_tokens), tools=tools)  # fmt: skip
         token_strs = [self.tokenizer.token_text(token) for token in token_ids] if body.return_token_strs else None
         return TokenizeResponse(count=len(token_ids), max_model_len=info.max_model_len, tokens=token_ids,
                                 token_strs=token_strs)  # fmt: skip

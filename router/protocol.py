@@ -309,6 +309,7 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: list[ChatTool] | None = None  # rendered with `messages`, as chat with tool_choice auto would
 
 
 class TokenizeResponse(BaseModel):

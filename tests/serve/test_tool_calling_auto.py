@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from transformers import PreTrainedTokenizerFast
@@ -138,6 +139,13 @@ def test_a_conversation_with_tool_results_renders_through_the_template(client: o
     text = _tokenizer(model_dir).decode(expected)
     assert '<tools>\n{"type": "function"' in text and '"arguments": {"city": "Paris"}' in text
     assert text.count("<tool_response>") == 2 and text.count("<|im_start|>user") == 2  # both results in one turn
+
+
+def test_tokenize_renders_tools_as_chat_does(hermes_app: ServedApp, model_dir: Path) -> None:
+    body = {"messages": ASK, "tools": TOOLS}
+    response = httpx.post(f"{hermes_app.base_url}/tokenize", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["tokens"] == _render(model_dir, ASK, tools=TOOLS)
 
 
 def _tokenizer(model_dir: Path) -> PreTrainedTokenizerFast:
