@@ -66,7 +66,7 @@ class _CallObject:
             elif char == '"':
                 self.in_string = False
                 if self.depth == 1 and self.expecting == "key":
-                    self.key = json.loads(self.raw[self.key_start :])
+                    self.key = _json_string(self.raw[self.key_start :])
             return False
         if char == '"':
             self.in_string = True
@@ -95,8 +95,8 @@ class _CallObject:
             return
         value = self.raw[self.value_start : position].rstrip(JSON_WHITESPACE)
         if self.key == "name" and self.name is None and not self.bad_name:
-            parsed = json.loads(value) if value.startswith('"') else None
-            self.name, self.bad_name = (parsed, False) if isinstance(parsed, str) else (None, True)
+            parsed = _json_string(value)
+            self.name, self.bad_name = (parsed, False) if parsed is not None else (None, True)
         if self.value_start == self.arguments_start:
             self.arguments_end = self.value_start + len(value)
 
@@ -106,7 +106,11 @@ class _CallObject:
         if self.arguments_start < 0:
             return "{}" if closed else ""
         if self.arguments_end >= 0:
-            return arguments_text(self.raw[self.arguments_start : self.arguments_end])
+            value = self.raw[self.arguments_start : self.arguments_end]
+            try:
+                return arguments_text(value)
+            except ValueError:  # a malformed JSON string: sent as written (the call was announced already)
+                return value
         if self.raw[self.arguments_start] == '"':
             return ""
         return self.raw[self.arguments_start :].rstrip(JSON_WHITESPACE)
@@ -278,6 +282,15 @@ class StreamingToolParser:
         delta.content += self.fallback + rest
         self.fallback, self.mode = "", "passthrough"
         return ""
+
+
+def _json_string(text: str) -> str | None:
+    """`text` as a JSON string, or None when it is not one (the scanner does not validate escapes)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _marker_prefix_length(text: str, markers: tuple[str, ...]) -> int:

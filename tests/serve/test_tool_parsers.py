@@ -128,3 +128,22 @@ def test_a_call_cut_off_after_its_name_stays_a_call_when_streamed() -> None:
     assert [(call.name, call.arguments) for call in parsed.tool_calls] == [("get_weather", '{"city": "Par')]
     assert extract(text, FORMATS["hermes"]).tool_calls == []
     assert extract(text, FORMATS["hermes"]).content == text
+
+
+_PIECES = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", '{"name": ', '"arguments": ',
+           '"parameters": ', '"f"', "{", "}", "[", "]", ",", ";", ":", '"', "\\", "\\x", " ", "\n", "a", "1", "null"]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(parser_name=st.sampled_from(sorted(FORMATS)), pieces=st.lists(st.sampled_from(_PIECES), max_size=40),
+       data=st.data())
+def test_any_text_parses_without_error_whole_or_streamed(parser_name: str, pieces: list[str],
+                                                          data: st.DataObject) -> None:
+    """Garbage in (markers, brackets, broken strings and escapes in any order): content or calls out, never an
+    exception; and a text that ends in no call is all content, streamed as whole."""
+    text = "".join(pieces)
+    whole = extract(text, FORMATS[parser_name], counting_ids())
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=12))) if len(text) > 1 else []
+    streamed_message = streamed(text, parser_name, cuts)
+    if not whole.tool_calls and not streamed_message.tool_calls:
+        assert streamed_message.content == whole.content
