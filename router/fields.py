@@ -23,12 +23,12 @@ REFUSED_CHAT_FIELDS: dict[str, str] = {
     "least-recently-used blocks when memory runs short",
     "prompt_cache_options": "prompt cache options cannot be set per request: prefix caching is automatic, "
     "block by block",
-    # NOTE: tool calling is being built (issue 17); until then it is refused here. Structured outputs are served
-    # (router/structured_outputs.py).
-    "tools": "tool calling is not supported yet",
-    "tool_choice": "tool calling is not supported yet",
-    "functions": "function calling is not supported yet (and `functions` is deprecated by OpenAI: use tools)",
-    "function_call": "function calling is not supported yet (and `function_call` is deprecated by OpenAI)",
+    # NOTE: OpenAI's deprecated forms of tool calling are refused rather than mapped: `tools` and `tool_choice`
+    # (router/tools.py) say the same with one code path, and a refusal tells old clients what to send instead.
+    "functions": "`functions` is deprecated by OpenAI and not supported here: send the functions as `tools` "
+    "([{\"type\": \"function\", \"function\": {...}}])",
+    "function_call": "`function_call` is deprecated by OpenAI and not supported here: use `tool_choice` ('none', "
+    "'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}})",
 }
 
 # vLLM extras with no implementation here (vLLM's own docs describe them).

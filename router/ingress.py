@@ -42,6 +42,8 @@ from router.protocol import (
 from router.request_ids import REQUEST_ID_HEADER, make_request_ids
 from router.streaming import PrimedStream, own_request_id, prime, replica_outputs, sse, to_api_error
 from router.tokenization import PromptTokenizer
+from router.tool_parsers import ToolParserName
+from router.tools import plan_tools
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,9 @@ class IngressConfig(BaseModel):
     )
     overload_retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After of that 503")
     generate_max_tokens: int = Field(default=128, ge=1, description="`/generate`'s default token count")
+    tool_call_parser: ToolParserName | None = Field(
+        default=None, description="how this model writes tool calls (for tool_choice auto); None: auto is refused"
+    )
 
     def model_id(self) -> str:
         return self.served_model_name or Path(self.model).name
@@ -233,20 +238,23 @@ class OpenAIIngress:
         info = await self.model_info()
         # NOTE: vLLM hands `reasoning_effort` to the chat template too; a template that does not read it ignores it.
         template_variables = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else None
+        tools = plan_tools(body, self.config.tool_call_parser)
         prompt_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt,
-                                                bool(body.add_special_tokens), template_variables)  # fmt: skip
+                                                bool(body.add_special_tokens), template_variables,
+                                                tools.template_tools())  # fmt: skip
         prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, info.max_model_len)
-        params = to_sampling_params(body, len(prompt_ids), info.max_model_len, self._max_n(info))
+        params = to_sampling_params(body, len(prompt_ids), info.max_model_len, self._max_n(info), tools)
+        tools = tools if tools.reads_calls else None
         (stream,) = await prime([self._generate(request_ids.engine_id, prompt_ids, params, body.priority)])
         usage = responses.UsageCounter(prompt_tokens=len(prompt_ids))
         token_text = self._token_text(body.return_tokens_as_token_ids)
         if body.stream:
             include_usage, continuous_usage = _usage_in_stream(body.stream_options)
             events = responses.chat_events(stream, body.n, self.model_id, usage, token_text, body.logprobs,
-                                           include_usage, request_ids.response_id, continuous_usage)  # fmt: skip
+                                           include_usage, request_ids.response_id, continuous_usage, tools)  # fmt: skip
             return _event_stream(events, [stream])
         response = await responses.chat_response(stream, self.model_id, usage, token_text, body.logprobs,
-                                                 body.prompt_logprobs, self.tokenizer.token_text)  # fmt: skip
+                                                 body.prompt_logprobs, self.tokenizer.token_text, tools)  # fmt: skip
         response.id = request_ids.response_id
         return response
 
@@ -264,8 +272,9 @@ class OpenAIIngress:
             add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
             token_ids = self.tokenizer.encode(body.prompt, add_special_tokens)
         else:
+            tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
             token_ids = self.tokenizer.chat_prompt(body.messages, body.add_generation_prompt,
-                                                   bool(body.add_special_tokens))  # fmt: skip
+                                                   bool(body.add_special_tokens), tools=tools)  # fmt: skip
         token_strs = [self.tokenizer.token_text(token) for token in token_ids] if body.return_token_strs else None
         return TokenizeResponse(count=len(token_ids), max_model_len=info.max_model_len, tokens=token_ids,
                                 token_strs=token_strs)  # fmt: skip

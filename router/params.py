@@ -8,6 +8,7 @@ from replicas.sampling_params import SamplingParams
 from router.errors import bad_request, from_validation_error
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.structured_outputs import to_structured_output
+from router.tools import ToolPlan
 
 # Fields copied as they are when the client set them; ranges are SamplingParams' to check.
 _PASSTHROUGH = (
@@ -56,8 +57,10 @@ def to_sampling_params(
     num_prompt_tokens: int,
     max_model_len: int,
     max_n: int,
+    tools: ToolPlan | None = None,
 ) -> SamplingParams:
-    """The request's sampling parameters; `max_tokens` defaults to what is left of the context window."""
+    """The request's sampling parameters; `max_tokens` defaults to what is left of the context window. `tools`:
+    a chat request's tool plan (its grammar for required/named tool choices, special tokens its parser reads)."""
     if num_prompt_tokens >= max_model_len:
         raise bad_request(
             f"prompt is {num_prompt_tokens} tokens; max_model_len is {max_model_len}: shorten the prompt so at "
@@ -114,6 +117,10 @@ def to_sampling_params(
     fields["max_tokens"] = max_tokens
     if (structured_output := to_structured_output(request)) is not None:
         fields["structured_output"] = structured_output
+    if tools is not None and tools.structured_output is not None:
+        fields["structured_output"] = tools.structured_output  # plan_tools refused a second constraint
+    if tools is not None and tools.keeps_special_tokens and request.skip_special_tokens is None:
+        fields["skip_special_tokens"] = False  # the parser's markers are special tokens
     try:
         return SamplingParams(**fields)
     except ValidationError as error:

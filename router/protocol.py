@@ -6,7 +6,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from router.tool_protocol import ChatTool, DeltaToolCall, ToolCall, ToolCallRequest, ToolChoice
 
 
 def random_id(prefix: str) -> str:
@@ -115,6 +117,27 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    # Tool calling (router/tools.py): an assistant's calls (its content may then be null), and the call a tool
+    # message answers.
+    tool_calls: list[ToolCallRequest] | None = None
+    tool_call_id: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_are_the_assistants(cls, tool_calls: list | None, info: ValidationInfo) -> list | None:
+        if tool_calls is not None and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return tool_calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_messages_name_their_call(cls, tool_call_id: str | None, info: ValidationInfo) -> str | None:
+        role = info.data.get("role")
+        if role == "tool" and not tool_call_id:
+            raise ValueError("a tool message needs tool_call_id: the id of the assistant's tool call it answers")
+        if role != "tool" and tool_call_id is not None:
+            raise ValueError("only tool messages carry tool_call_id")
+        return tool_call_id
 
     def text(self) -> str:
         if self.content is None:
@@ -139,7 +162,10 @@ class ChatCompletionRequest(_SamplingFields):
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    parallel_tool_calls: bool | None = None  # no effect without tools
+    # Tool calling (router/tools.py). `parallel_tool_calls: false`: at most one call per choice.
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = Field(default=None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
 
@@ -228,6 +254,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -252,6 +279,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -281,6 +309,7 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    tools: list[ChatTool] | None = None  # rendered with `messages`, as chat with tool_choice auto would
 
 
 class TokenizeResponse(BaseModel):

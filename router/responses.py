@@ -27,6 +27,7 @@ from router.protocol import (
     Usage,
 )
 from router.streaming import PrimedStream, merge, sse
+from router.tools import ToolPlan, ToolStream, finish_reason, to_tool_calls
 
 TokenText = Callable[[int], str]
 
@@ -227,10 +228,10 @@ async def completion_events(
 
 async def chat_response(
     stream: PrimedStream, model: str, usage: UsageCounter, token_text: TokenText, with_logprobs: bool,
-    prompt_logprobs: int | None = None, decoded_text: TokenText | None = None,
+    prompt_logprobs: int | None = None, decoded_text: TokenText | None = None, tools: ToolPlan | None = None,
 ) -> ChatCompletionResponse:
     """The whole chat completion; with vLLM's `prompt_logprobs`, the rendered prompt's logprobs at the top level
-    (`decoded_text` names their tokens, else `token_text`)."""
+    (`decoded_text` names their tokens, else `token_text`); with `tools`, each choice's calls read from its text."""
     choices: dict[int, _Choice] = {}
     prompt_entries = None
     async for _, output in merge([stream]):
@@ -245,8 +246,13 @@ async def chat_response(
         logprobs = None
         if with_logprobs:
             logprobs = chat_logprobs(CompletionOutput(0, choice.text, [], logprobs=choice.logprobs), token_text)
-        result.append(ChatChoice(index=index, message=AssistantMessage(content=choice.text), logprobs=logprobs,
-                                 finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))  # fmt: skip
+        message, reason = AssistantMessage(content=choice.text), choice.finish_reason
+        if tools is not None:
+            parsed = tools.extract(choice.text)
+            message = AssistantMessage(content=parsed.content, tool_calls=to_tool_calls(parsed))
+            reason = finish_reason(reason, bool(parsed.tool_calls))
+        result.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=reason,
+                                 stop_reason=choice.stop_reason))  # fmt: skip
     scored = None
     if prompt_logprobs is not None and prompt_entries is not None:
         scored = vllm_prompt_logprobs(prompt_entries, decoded_text or token_text, prompt_logprobs)
@@ -256,17 +262,22 @@ async def chat_response(
 async def chat_events(
     stream: PrimedStream, n: int, model: str, usage: UsageCounter, token_text: TokenText,
     with_logprobs: bool, include_usage: bool, request_id: str, continuous_usage: bool = False,
+    tools: ToolPlan | None = None,
 ) -> AsyncIterator[str]:  # fmt: skip
     """SSE chunks of a streamed chat completion: the role first, then content deltas, then the finish reason; with
-    `continuous_usage` (vLLM's `continuous_usage_stats`) every chunk carries the usage so far."""
+    `continuous_usage` (vLLM's `continuous_usage_stats`) every chunk carries the usage so far; with `tools`, content
+    and tool-call deltas read from the text as it comes (router/tool_stream.py)."""
     created = int(time.time())
+    tool_streams: dict[int, ToolStream] = {}
 
     def chunk(choices: list[ChatChunkChoice], chunk_usage: Usage | None = None) -> str:
         if chunk_usage is None and continuous_usage:
             chunk_usage = usage.usage()
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=chunk_usage))
 
-    yield chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")) for index in range(n)])
+    # With tools, content stays null until there is some: a reply of calls alone accumulates to null, as whole.
+    first = DeltaMessage(role="assistant", content=None if tools is not None else "")
+    yield chunk([ChatChunkChoice(index=index, delta=first) for index in range(n)])
     async for _, output in merge([stream]):
         usage.add(0, output)
         choices = []
@@ -274,9 +285,14 @@ async def chat_events(
             logprobs = chat_logprobs(completion, token_text) if with_logprobs else None
             has_text = completion.text or not completion.finished
             delta = DeltaMessage(content=completion.text) if has_text else DeltaMessage()
+            reason = completion.finish_reason
+            if tools is not None:
+                tool_stream = tool_streams.setdefault(completion.index, tools.stream())
+                content, calls = tool_stream.feed(completion.text, completion.finished)
+                delta = DeltaMessage(content=content, tool_calls=calls)
+                reason = finish_reason(reason, tool_stream.has_calls)
             choices.append(ChatChunkChoice(index=completion.index, delta=delta, logprobs=logprobs,
-                                           finish_reason=completion.finish_reason,
-                                           stop_reason=completion.stop_reason))  # fmt: skip
+                                           finish_reason=reason, stop_reason=completion.stop_reason))  # fmt: skip
         if choices:
             yield chunk(choices)
     if include_usage:

@@ -17,6 +17,7 @@ from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from router.errors import bad_request
 from router.protocol import ChatMessage
+from router.tools import template_conversation, with_tool_instructions
 
 # `tokenizer_class` values that name no model-specific class: AutoTokenizer loads tokenizer.json as it is.
 _GENERIC_TOKENIZER_CLASSES = {"TokenizersBackend", "PreTrainedTokenizer", "PreTrainedTokenizerFast", "PythonBackend"}
@@ -41,6 +42,11 @@ class PromptTokenizer:
     def __init__(self, tokenizer_dir: str) -> None:
         self.tokenizer = tokenizer_class_for(tokenizer_dir).from_pretrained(tokenizer_dir)
         self.vocab_size = len(self.tokenizer)
+        template = self.tokenizer.chat_template if isinstance(self.tokenizer.chat_template, str) else ""
+        # NOTE: a template that never mentions them ignores `tools=` and an assistant's `tool_calls`
+        # (SmolLM2's, say): the ingress then shows them to the model as text (router/tools.py).
+        self.template_renders_tools = "tools" in template
+        self.template_renders_tool_calls = "tool_calls" in template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Same call as the engine's own `add_request(prompt=...)`, so both paths see the same ids."""
@@ -82,16 +88,21 @@ class PromptTokenizer:
         add_generation_prompt: bool = True,
         add_special_tokens: bool = False,
         template_variables: dict[str, str] | None = None,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         """The conversation rendered with the model's chat template, then tokenized. The template adds the
         special tokens it wants, so `add_special_tokens` (vLLM's default: False) would add a second BOS.
-        `template_variables` (`reasoning_effort`) reach a template that reads them; others ignore them."""
+        `template_variables` (`reasoning_effort`) reach a template that reads them; others ignore them. `tools`
+        (OpenAI's tool definitions) go to the template, or into the system message when it shows none."""
         if self.tokenizer.chat_template is None:
             raise bad_request("this model has no chat template: use /v1/completions", "messages")
-        conversation = [{"role": message.role, "content": message.text()} for message in messages]
+        conversation = template_conversation(messages, self.template_renders_tool_calls)
+        if tools and not self.template_renders_tools:
+            conversation, tools = with_tool_instructions(conversation, tools), None
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_variables or {})
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
+                **(template_variables or {}),
             )
         except Exception as error:  # noqa: BLE001 — a template can refuse a conversation (e.g. role order)
             raise bad_request(f"the chat template refused these messages: {error}", "messages") from error

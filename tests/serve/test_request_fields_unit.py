@@ -82,11 +82,11 @@ def test_structured_output_response_formats_pass(response_format: dict) -> None:
     check_field_values(request)
 
 
-def test_structured_output_fields_are_served_and_tool_calling_stays_refused() -> None:
+def test_structured_output_and_tool_fields_are_served_and_the_deprecated_function_fields_refused() -> None:
     served = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-              "structured_outputs"}  # fmt: skip
+              "structured_outputs", "tools", "tool_choice", "parallel_tool_calls"}  # fmt: skip
     assert not served & (REFUSED_CHAT_FIELDS.keys() | REFUSED_VLLM_FIELDS.keys())
-    assert {"tools", "tool_choice", "functions", "function_call"} <= REFUSED_CHAT_FIELDS.keys()
+    assert {"functions", "function_call"} <= REFUSED_CHAT_FIELDS.keys()
     payload = {"messages": [], "guided_choice": ["a", "b"], "structured_outputs": {"regex": "a+"}}
     assert refuse_known_fields(payload, {**REFUSED_CHAT_FIELDS, **REFUSED_VLLM_FIELDS}) == payload
 
