@@ -1,10 +1,12 @@
 // Fused CPU paged attention: reads K/V straight from the paged cache through the block tables (no gather), one call
 // for a whole mixed batch (prefill chunks, prefix-cache hits, decodes), GQA, sliding window, online softmax in fp32.
 //
-// Work is split into items (sequence, query tile, KV head): a decode is one tile; a prefill chunk is cut into tiles
-// of QUERY_TILE tokens so that a long chunk spreads over threads. Each item holds the tile's rows (tokens x the
-// query heads of one KV head) and walks the key blocks the tile can see, so each K/V row it loads serves every
-// query head of its group. Items run under OpenMP, longest first, dynamically scheduled.
+// Work is split into items (sequence, query tile, KV heads): a decode is one tile; a prefill chunk is cut into tiles
+// of QUERY_TILE tokens so that a long chunk spreads over threads. An item covers every KV head (its reads of each
+// block are then one contiguous stream) unless that leaves too few items for the threads, when it covers one. It
+// holds the tile's rows (tokens x query heads) and walks the key blocks the tile can see, prefetching the next one,
+// so each K/V row it loads serves every query head of its group. Items run under OpenMP, longest first, dynamically
+// scheduled.
 //
 // SIMD is chosen at compile time: AVX-512 (16 lanes), AVX2+FMA (8 lanes), or a portable scalar path. The cache
 // element type is a template parameter (float, BFloat16, Half), converted to fp32 as it is loaded.
@@ -40,6 +42,9 @@
 namespace {
 
 constexpr int QUERY_TILE = 16;  // prefill tokens per work item
+#ifndef PAGED_CPU_PREFETCH_BLOCKS
+#define PAGED_CPU_PREFETCH_BLOCKS 1  // how many blocks ahead to prefetch (0: none)
+#endif
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -279,12 +284,14 @@ inline float exp_shifted(float* x, int count, float shift) {
 // The attention kernel.
 // ---------------------------------------------------------------------------------------------------------------
 
-// One unit of parallel work: query tokens [token_begin, token_end) of a sequence's new tokens, one KV head.
+// One unit of parallel work: query tokens [token_begin, token_end) of a sequence's new tokens, KV heads
+// [kv_head_begin, kv_head_end).
 struct WorkItem {
   int seq;
   int token_begin;
   int token_end;
-  int kv_head;
+  int kv_head_begin;
+  int kv_head_end;
   int64_t cost;  // keys visited x rows, to schedule the longest items first
 };
 
@@ -311,6 +318,21 @@ struct Scratch {
   std::vector<float> query, acc, row_max, row_sum, scores;
 };
 
+// Ask for a physical block's K and V before they are needed: blocks sit at random addresses, where the hardware
+// prefetcher (which stops at page boundaries) cannot follow.
+template <typename KV>
+inline void prefetch_block(const KV* keys, const KV* values, int64_t elements) {
+#if defined(PAGED_CPU_SIMD)
+  const char* k = reinterpret_cast<const char*>(keys);
+  const char* v = reinterpret_cast<const char*>(values);
+  const int64_t bytes = elements * static_cast<int64_t>(sizeof(KV));
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    _mm_prefetch(k + offset, _MM_HINT_T0);
+    _mm_prefetch(v + offset, _MM_HINT_T0);
+  }
+#endif
+}
+
 template <typename KV>
 void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   const int dim = p.head_dim, group = p.group, block_size = p.block_size, window = p.sliding_window;
@@ -318,17 +340,20 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   const int seq_len = p.seq_lens[item.seq];
   const int context = seq_len - q_len;  // positions before the first new token
   const int first_token_row = p.query_start_loc[item.seq];
-  const int num_rows = (item.token_end - item.token_begin) * group;
+  const int head_begin = item.kv_head_begin * group;
+  const int heads = (item.kv_head_end - item.kv_head_begin) * group;
+  const int num_rows = (item.token_end - item.token_begin) * heads;
 
-  // Row r is token token_begin + r / group, query head kv_head * group + r % group; queries are pre-scaled.
+  // Row r is token token_begin + r / heads, query head head_begin + r % heads (KV head: that / group); queries are
+  // pre-scaled. A block's rows of one slot are contiguous over KV heads, so an item's K/V reads stream.
   scratch.query.resize(static_cast<size_t>(num_rows) * dim);
   scratch.acc.assign(static_cast<size_t>(num_rows) * dim, 0.0f);
   scratch.row_max.assign(num_rows, NEG_INF);
   scratch.row_sum.assign(num_rows, 0.0f);
   scratch.scores.resize(block_size);
   for (int r = 0; r < num_rows; ++r) {
-    const int token = first_token_row + item.token_begin + r / group;
-    const int head = item.kv_head * group + r % group;
+    const int token = first_token_row + item.token_begin + r / heads;
+    const int head = head_begin + r % heads;
     const float* q = p.query + token * p.query_stride_token + head * p.query_stride_head;
     float* dst = scratch.query.data() + static_cast<size_t>(r) * dim;
     for (int d = 0; d < dim; ++d) dst[d] = q[d] * p.scale;
@@ -338,25 +363,33 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   const int key_end = context + item.token_end;
   const int key_begin = window > 0 ? std::max(0, context + item.token_begin - window + 1) : 0;
   const int32_t* block_table = p.block_tables + item.seq * p.block_table_stride;
+  const int first_block = key_begin / block_size, end_block = (key_end + block_size - 1) / block_size;
+  // The span of one block this item reads: every slot, its KV heads.
+  const int64_t head_offset = item.kv_head_begin * p.cache_stride_head;
+  const int64_t span = (block_size - 1) * p.cache_stride_slot + (item.kv_head_end - item.kv_head_begin) * p.cache_stride_head;
   float* scores = scratch.scores.data();
-  for (int block = key_begin / block_size; block * block_size < key_end; ++block) {
+  for (int block = first_block; block < end_block; ++block) {
     const int block_start = block * block_size;
-    const int64_t physical = block_table[block];
-    const int64_t offset = physical * p.cache_stride_block + item.kv_head * p.cache_stride_head;
-    const KV* keys = p.key_cache + offset;
-    const KV* values = p.value_cache + offset;
+    const int64_t base = block_table[block] * p.cache_stride_block;
+    if (PAGED_CPU_PREFETCH_BLOCKS > 0 && block + PAGED_CPU_PREFETCH_BLOCKS < end_block) {
+      const int64_t next = block_table[block + PAGED_CPU_PREFETCH_BLOCKS] * p.cache_stride_block + head_offset;
+      prefetch_block(p.key_cache + next, p.value_cache + next, span);
+    }
     const int tile_lo = std::max(key_begin, block_start) - block_start;
     const int tile_hi = std::min(key_end, block_start + block_size) - block_start;
     for (int r = 0; r < num_rows; ++r) {
-      const int position = context + item.token_begin + r / group;
+      const int position = context + item.token_begin + r / heads;
       // Causal: keys up to the row's own position; window: keys after position - window.
       const int hi = std::min(tile_hi, position + 1 - block_start);
       const int lo = window > 0 ? std::max(tile_lo, position - window + 1 - block_start) : tile_lo;
       if (lo >= hi) continue;
       const int count = hi - lo;
+      const int kv_head = (head_begin + r % heads) / group;
+      const KV* keys = p.key_cache + base + kv_head * p.cache_stride_head + lo * p.cache_stride_slot;
+      const KV* values = p.value_cache + base + kv_head * p.cache_stride_head + lo * p.cache_stride_slot;
       const float* q = scratch.query.data() + static_cast<size_t>(r) * dim;
       float* acc = scratch.acc.data() + static_cast<size_t>(r) * dim;
-      dot_keys(q, keys + lo * p.cache_stride_slot, p.cache_stride_slot, count, dim, scores);
+      dot_keys(q, keys, p.cache_stride_slot, count, dim, scores);
       // Online softmax: rescale what was accumulated when the running max grows.
       const float new_max = std::max(scratch.row_max[r], max_of(scores, count));
       if (new_max > scratch.row_max[r]) {
@@ -366,13 +399,13 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
         scratch.row_max[r] = new_max;
       }
       scratch.row_sum[r] += exp_shifted(scores, count, new_max);
-      accumulate_values(acc, scores, values + lo * p.cache_stride_slot, p.cache_stride_slot, count, dim);
+      accumulate_values(acc, scores, values, p.cache_stride_slot, count, dim);
     }
   }
 
   for (int r = 0; r < num_rows; ++r) {
-    const int token = first_token_row + item.token_begin + r / group;
-    const int head = item.kv_head * group + r % group;
+    const int token = first_token_row + item.token_begin + r / heads;
+    const int head = head_begin + r % heads;
     float* dst = p.out + token * p.out_stride_token + head * p.out_stride_head;
     const float* acc = scratch.acc.data() + static_cast<size_t>(r) * dim;
     const float inverse = 1.0f / scratch.row_sum[r];  // every row sees at least its own key: row_sum >= 1
@@ -380,10 +413,17 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   }
 }
 
+// Items: one per (sequence, query tile), covering all KV heads, so each block is read once, front to back; split
+// per KV head too when that gives too few items to keep every thread busy (a few long decodes).
 std::vector<WorkItem> plan_work(const int32_t* query_start_loc, const int32_t* seq_lens, int num_seqs,
-                                int num_kv_heads, int group, int sliding_window) {
+                                int num_kv_heads, int group, int sliding_window, int threads) {
+  int64_t num_tiles = 0;
+  for (int seq = 0; seq < num_seqs; ++seq) {
+    num_tiles += (query_start_loc[seq + 1] - query_start_loc[seq] + QUERY_TILE - 1) / QUERY_TILE;
+  }
+  const int kv_heads_per_item = num_tiles >= 4 * threads ? num_kv_heads : 1;
   std::vector<WorkItem> items;
-  items.reserve(static_cast<size_t>(num_seqs) * num_kv_heads);
+  items.reserve(static_cast<size_t>(num_tiles) * (num_kv_heads / kv_heads_per_item));
   for (int seq = 0; seq < num_seqs; ++seq) {
     const int q_len = query_start_loc[seq + 1] - query_start_loc[seq];
     const int context = seq_lens[seq] - q_len;
@@ -391,8 +431,10 @@ std::vector<WorkItem> plan_work(const int32_t* query_start_loc, const int32_t* s
       const int end = std::min(q_len, begin + QUERY_TILE);
       int64_t keys = context + end;
       if (sliding_window > 0) keys = std::min<int64_t>(keys, sliding_window + end - begin);
-      const int64_t cost = keys * (end - begin) * group;
-      for (int kv_head = 0; kv_head < num_kv_heads; ++kv_head) items.push_back({seq, begin, end, kv_head, cost});
+      const int64_t cost = keys * (end - begin) * group * kv_heads_per_item;
+      for (int kv_head = 0; kv_head < num_kv_heads; kv_head += kv_heads_per_item) {
+        items.push_back({seq, begin, end, kv_head, kv_head + kv_heads_per_item, cost});
+      }
     }
   }
   // Longest first, so that the dynamic schedule does not end on one long prefill tile.
@@ -403,8 +445,6 @@ std::vector<WorkItem> plan_work(const int32_t* query_start_loc, const int32_t* s
 template <typename KV>
 void run_attention(const Problem<KV>& problem, const std::vector<WorkItem>& items) {
   const int64_t num_items = static_cast<int64_t>(items.size());
-  // NOTE: at::get_num_threads(), not omp_get_max_threads(): torch's thread count is per calling thread (the engine
-  // sets it on its own), and this keeps the kernel on the same threads as torch's own ops.
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_items));
   if (threads <= 1) {
     Scratch scratch;
@@ -449,8 +489,10 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
   if (query.size(0) == 0) return;
 
   const int group = num_heads / num_kv_heads;
+  // NOTE: at::get_num_threads(), not omp_get_max_threads(): torch's thread count is per calling thread (the engine
+  // sets it on its own), and this keeps the kernel on the same threads as torch's own ops.
   const auto items = plan_work(query_start_loc.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), num_seqs,
-                               num_kv_heads, group, static_cast<int>(sliding_window));
+                               num_kv_heads, group, static_cast<int>(sliding_window), at::get_num_threads());
   auto run = [&](auto* key_ptr, auto* value_ptr) {
     using KV = std::remove_const_t<std::remove_pointer_t<decltype(key_ptr)>>;
     Problem<KV> problem{query.data_ptr<float>(), query.stride(0), query.stride(1), key_ptr, value_ptr,
