@@ -4,7 +4,7 @@
 // Work is split into items (sequence, query tile, KV heads): a decode is one tile; a prefill chunk is cut into tiles
 // of QUERY_TILE tokens so that a long chunk spreads over threads. An item covers every KV head (its reads of each
 // block are then one contiguous stream) unless that leaves too few items for the threads, when it covers one. It
-// holds the tile's rows (tokens x query heads) and walks the key blocks the tile can see, prefetching the next one,
+// holds the tile's rows (tokens x query heads) and walks the key blocks the tile can see, prefetching ahead,
 // so each K/V row it loads serves every query head of its group. Items run under OpenMP, longest first, dynamically
 // scheduled.
 //
@@ -43,7 +43,10 @@ namespace {
 
 constexpr int QUERY_TILE = 16;  // prefill tokens per work item
 #ifndef PAGED_CPU_PREFETCH_BLOCKS
-#define PAGED_CPU_PREFETCH_BLOCKS 1  // how many blocks ahead to prefetch (0: none)
+// How many blocks ahead to prefetch (0: none). Measured on a 2-vCPU EPYC (AVX2), 64 decodes of ~150 tokens, default
+// model geometry: no prefetch 1.56 ms a layer; a whole block ahead at its start 1.54; sliced per row (below), one
+// block ahead 1.31, two 1.27 (medians of 12, shared machine).
+#define PAGED_CPU_PREFETCH_BLOCKS 2
 #endif
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -371,10 +374,11 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   for (int block = first_block; block < end_block; ++block) {
     const int block_start = block * block_size;
     const int64_t base = block_table[block] * p.cache_stride_block;
-    if (PAGED_CPU_PREFETCH_BLOCKS > 0 && block + PAGED_CPU_PREFETCH_BLOCKS < end_block) {
-      const int64_t next = block_table[block + PAGED_CPU_PREFETCH_BLOCKS] * p.cache_stride_block + head_offset;
-      prefetch_block(p.key_cache + next, p.value_cache + next, span);
-    }
+    const bool prefetch = PAGED_CPU_PREFETCH_BLOCKS > 0 && block + PAGED_CPU_PREFETCH_BLOCKS < end_block;
+    const int64_t next = prefetch ? block_table[block + PAGED_CPU_PREFETCH_BLOCKS] * p.cache_stride_block + head_offset : 0;
+    // That block's span, cut into one slice per row, so that the prefetches interleave with the compute rather than
+    // queue up at the block's start (where they wait on the core's few outstanding-miss slots).
+    const int64_t slice = (span + num_rows - 1) / num_rows;
     const int tile_lo = std::max(key_begin, block_start) - block_start;
     const int tile_hi = std::min(key_end, block_start + block_size) - block_start;
     for (int r = 0; r < num_rows; ++r) {
@@ -382,6 +386,10 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
       // Causal: keys up to the row's own position; window: keys after position - window.
       const int hi = std::min(tile_hi, position + 1 - block_start);
       const int lo = window > 0 ? std::max(tile_lo, position - window + 1 - block_start) : tile_lo;
+      if (prefetch && r * slice < span) {
+        const int64_t offset = next + r * slice;
+        prefetch_block(p.key_cache + offset, p.value_cache + offset, std::min(slice, span - r * slice));
+      }
       if (lo >= hi) continue;
       const int count = hi - lo;
       const int kv_head = (head_begin + r % heads) / group;
