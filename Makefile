@@ -11,7 +11,7 @@ test: export RAY_AUTH_MODE := disabled
 # OpenMP spin-waiting makes multi-threaded torch ops 10-100x slower here (see replicas/__init__.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup serve demo test bench clean
+.PHONY: setup cpu-kernels serve demo test bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 $(MODEL_DIR)/config.json: | $(VENV)/.installed
 	$(PY) -m replicas.default_model --output $(MODEL_DIR)
 
-setup: $(VENV)/.installed $(MODEL_DIR)/config.json
+# The fused CPU attention kernel, compiled for this machine into build/torch_extensions (git-ignored). The target
+# re-runs each time but returns at once when the cached build matches the source, flags, torch and CPU; a failed
+# build only warns (attention_backend=auto then uses the PyTorch backend).
+cpu-kernels: $(VENV)/.installed
+	$(PY) -m kernels.cpu_fused_build
+
+setup: $(VENV)/.installed $(MODEL_DIR)/config.json cpu-kernels
 
 # Ray's Prometheus endpoint for `make serve` (deploy/prometheus/prometheus.yml scrapes 127.0.0.1:8080).
 METRICS_EXPORT_PORT ?= 8080
@@ -47,4 +53,4 @@ bench: setup
 	$(PY) -m bench.offline
 
 clean:
-	rm -rf $(VENV) models .pytest_cache .hypothesis
+	rm -rf $(VENV) models build .pytest_cache .hypothesis

@@ -2,6 +2,7 @@
 
     python -m bench.offline [--model DIR] [--quick]
     python -m bench.offline --tiny     # a seeded 4-layer, 64-wide Llama, 24 requests: the engine's own overhead
+    python -m bench.offline --profile  # a decode-only step by op, per attention backend (bench/decode_profile.py)
 
 Prints tok/s and ratios, the engine's pure-decode FLOP/s as a fraction of this machine's measured fp32 GEMM peak,
 and the share of step time spent outside the model (scheduler, block manager, sampler, output processing).
@@ -183,7 +184,18 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="a seeded 4-layer, 64-wide Llama with a 49,152-token vocabulary (built in a temporary directory), 24 requests, all of "
                              "them also through HF one at a time: with a negligible model, what the engine itself costs")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile decode-only steps per attention backend (see bench/decode_profile.py)")
+    parser.add_argument("--batch", type=int, default=64, help="--profile: decoding sequences")
+    parser.add_argument("--context", type=int, default=300, help="--profile: prompt tokens per sequence")
+    parser.add_argument("--steps", type=int, default=8, help="--profile: timed decode steps per backend")
+    parser.add_argument("--backends", default="torch,cpu_fused", help="--profile: comma-separated backends")
     args = parser.parse_args()
+    if args.profile:
+        from bench import decode_profile
+
+        decode_profile.run(args.model, args.backends.split(","), args.batch, args.context, args.steps, args.threads)
+        return
     if args.tiny:
         run_tiny(args)
         return

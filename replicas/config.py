@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # NOTE: the same Literal as `kernels.AttentionBackendName`, spelt out so this module (which the Serve driver and
 # `router.app` import to validate configs) loads no torch.
-AttentionBackendName = Literal["auto", "triton", "torch"]
+AttentionBackendName = Literal["auto", "triton", "torch", "cpu_fused"]
 
 
 class EngineConfigError(ValueError):

@@ -146,3 +146,10 @@ def test_mistral_triton_backend_gives_the_same_greedy_tokens_as_torch(mistral_di
     assert engine_greedy(mistral_dir, prompts, 8, attention_backend="triton") == engine_greedy(
         mistral_dir, prompts, 8, attention_backend="torch"
     )
+
+
+def test_mistral_cpu_fused_backend_gives_the_same_greedy_tokens_as_torch(mistral_dir: Path) -> None:
+    """The fused CPU kernel's sliding window, GQA and chunked prefill, end to end."""
+    prompts = random_prompts(4, 10, 60, seed=18)
+    fused = engine_greedy(mistral_dir, prompts, 12, attention_backend="cpu_fused", max_num_batched_tokens=24)
+    assert fused == engine_greedy(mistral_dir, prompts, 12, attention_backend="torch", max_num_batched_tokens=24)

@@ -1,4 +1,8 @@
-"""Greedy output is token-identical to transformers `generate`."""
+"""Greedy output is token-identical to transformers `generate`, with each CPU attention backend.
+
+Tests that leave `attention_backend` at `auto` run the fused CPU kernel when it is built (`make setup`); the
+parametrized ones name each backend, so the PyTorch backend stays covered too.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,26 @@ import pytest
 from tests.engine.helpers import generate_greedy, greedy, hf_greedy, make_engine, random_prompts, run_to_completion
 
 
-def test_tiny_llama_batch_of_mixed_prompts_matches_transformers(tiny_llama_dir: Path) -> None:
+CPU_BACKENDS = ["torch", "cpu_fused"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tiny_llama_batch_of_mixed_prompts_matches_transformers(tiny_llama_dir: Path, backend: str) -> None:
     prompts = random_prompts(16, 1, 90, seed=1)
     expected = hf_greedy(tiny_llama_dir, prompts, max_new_tokens=24)
-    assert generate_greedy(tiny_llama_dir, prompts, 24)[0] == expected
+    tokens, engine = generate_greedy(tiny_llama_dir, prompts, 24, attention_backend=backend)
+    assert engine.model_runner.backend.name == backend
+    assert tokens == expected
+
+
+def test_cpu_fused_chunked_prefill_next_to_decodes_matches_transformers(tiny_llama_dir: Path) -> None:
+    """A 24-token budget cuts prompts into chunks that share steps with other sequences' decodes."""
+    prompts = random_prompts(6, 30, 120, seed=7)
+    expected = hf_greedy(tiny_llama_dir, prompts, max_new_tokens=16)
+    tokens, _ = generate_greedy(
+        tiny_llama_dir, prompts, 16, attention_backend="cpu_fused", max_num_batched_tokens=24, max_num_seqs=4
+    )
+    assert tokens == expected
 
 
 def test_untied_embeddings_and_llama3_rope_match_transformers(tmp_path: Path, default_model_dir: Path) -> None:
@@ -51,7 +71,8 @@ def test_request_alone_and_inside_a_batch_of_32_give_identical_tokens(tiny_llama
     assert run_to_completion(batched)["r7"][0] == solo
 
 
-def test_default_model_matches_transformers(default_model_dir: Path) -> None:
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_default_model_matches_transformers(default_model_dir: Path, backend: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir)
@@ -59,7 +80,8 @@ def test_default_model_matches_transformers(default_model_dir: Path) -> None:
     prompts = [tokenizer.encode(text) for text in texts]
     assert prompts[0] == [6403, 1980, 253, 655]
     expected = hf_greedy(default_model_dir, prompts, max_new_tokens=12)
-    assert generate_greedy(default_model_dir, prompts, 12, kv_cache_memory_bytes=256 * 1024 * 1024, max_model_len=2048)[0] == expected
+    assert generate_greedy(default_model_dir, prompts, 12, kv_cache_memory_bytes=256 * 1024 * 1024, max_model_len=2048,
+                           attention_backend=backend)[0] == expected
 
 
 @pytest.mark.slow

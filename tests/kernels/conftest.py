@@ -36,3 +36,11 @@ def triton_backend():
             "were built for a GPU; run with TRITON_INTERPRET=1 in the environment"
         )
     return triton_backend
+
+
+@pytest.fixture(scope="session")
+def cpu_fused_backend():
+    """A CpuFusedAttentionBackend, compiling the extension if `make setup` has not (a failed build fails the test)."""
+    from kernels.cpu_fused_backend import CpuFusedAttentionBackend
+
+    return CpuFusedAttentionBackend(compile_if_missing=True)

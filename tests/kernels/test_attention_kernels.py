@@ -1,4 +1,4 @@
-"""paged_attention of both backends against a float64 reference of the attention contract (DESIGN.md).
+"""paged_attention of every backend against a float64 reference of the attention contract (DESIGN.md).
 
 Every run writes into a NaN-poisoned output and reads a cache whose unowned slots are NaN, so an unwritten row or a
 read past seq_len fails the comparison.
@@ -38,37 +38,54 @@ def run_triton(triton_backend, batch: PagedBatch, **kwargs) -> torch.Tensor:
     return out
 
 
-def assert_both_backends_match_reference(triton_backend, batch: PagedBatch, tolerance: float) -> None:
+def run_cpu_fused(cpu_fused_backend, batch: PagedBatch) -> torch.Tensor:
+    out = torch.full(batch.query.shape, float("nan"), dtype=torch.float32)
+    result = cpu_fused_backend.paged_attention(*batch.attention_args(), out=out)
+    return result if batch.query.dtype != torch.float32 else out
+
+
+@pytest.fixture(scope="session")
+def backends(triton_backend, request: pytest.FixtureRequest):
+    """The backends to compare, as (triton module, cpu_fused instance or None): cpu_fused runs on CPU tensors only."""
+    cpu_fused = request.getfixturevalue("cpu_fused_backend") if DEVICE.type == "cpu" else None
+    return triton_backend, cpu_fused
+
+
+def assert_both_backends_match_reference(backends, batch: PagedBatch, tolerance: float) -> None:
+    triton_backend, cpu_fused_backend = backends
     ref = reference_attention(*batch.attention_args())
-    for name, out in (
+    outputs = [
         ("triton", run_triton(triton_backend, batch)),
         ("torch", torch_backend.paged_attention(*batch.attention_args())),
-    ):
+    ]
+    if cpu_fused_backend is not None:
+        outputs.append(("cpu_fused", run_cpu_fused(cpu_fused_backend, batch)))
+    for name, out in outputs:
         assert out.shape == batch.query.shape and out.dtype == batch.query.dtype, name
         error = relative_error(out, ref)
         assert error < tolerance, f"{name} backend: relative error {error:.3g}"
 
 
-def check_fp32(triton_backend, spec: BatchSpec) -> None:
-    assert_both_backends_match_reference(triton_backend, make_batch(spec, device=DEVICE), FP32_TOLERANCE)
+def check_fp32(backends, spec: BatchSpec) -> None:
+    assert_both_backends_match_reference(backends, make_batch(spec, device=DEVICE), FP32_TOLERANCE)
 
 
 @given(spec=batch_specs())
 @hypothesis_settings(max_examples=40)
-def test_fp32_matches_reference(triton_backend, spec: BatchSpec) -> None:
-    check_fp32(triton_backend, spec)
+def test_fp32_matches_reference(backends, spec: BatchSpec) -> None:
+    check_fp32(backends, spec)
 
 
 @pytest.mark.slow
 @given(spec=batch_specs(max_seqs=8, max_new_tokens=1200))
 @hypothesis_settings(max_examples=150)
-def test_fp32_matches_reference_many_examples(triton_backend, spec: BatchSpec) -> None:
-    check_fp32(triton_backend, spec)
+def test_fp32_matches_reference_many_examples(backends, spec: BatchSpec) -> None:
+    check_fp32(backends, spec)
 
 
-def check_low_precision(triton_backend, spec: BatchSpec, cache_dtype: torch.dtype, query_dtype: torch.dtype) -> None:
+def check_low_precision(backends, spec: BatchSpec, cache_dtype: torch.dtype, query_dtype: torch.dtype) -> None:
     batch = make_batch(spec, cache_dtype=cache_dtype, query_dtype=query_dtype, device=DEVICE)
-    assert_both_backends_match_reference(triton_backend, batch, LOW_PRECISION_TOLERANCE)
+    assert_both_backends_match_reference(backends, batch, LOW_PRECISION_TOLERANCE)
 
 
 LOW_PRECISION_DTYPES = st.sampled_from([torch.float16, torch.bfloat16])
@@ -81,18 +98,18 @@ LOW_PRECISION_DTYPES = st.sampled_from([torch.float16, torch.bfloat16])
 )
 @hypothesis_settings(max_examples=20)
 def test_low_precision_kv_matches_reference(
-    triton_backend, spec: BatchSpec, cache_dtype: torch.dtype, query_is_fp32: bool
+    backends, spec: BatchSpec, cache_dtype: torch.dtype, query_is_fp32: bool
 ) -> None:
-    check_low_precision(triton_backend, spec, cache_dtype, torch.float32 if query_is_fp32 else cache_dtype)
+    check_low_precision(backends, spec, cache_dtype, torch.float32 if query_is_fp32 else cache_dtype)
 
 
 @pytest.mark.slow
 @given(spec=batch_specs(max_seqs=6), cache_dtype=LOW_PRECISION_DTYPES, query_is_fp32=st.booleans())
 @hypothesis_settings(max_examples=80)
 def test_low_precision_kv_matches_reference_many_examples(
-    triton_backend, spec: BatchSpec, cache_dtype: torch.dtype, query_is_fp32: bool
+    backends, spec: BatchSpec, cache_dtype: torch.dtype, query_is_fp32: bool
 ) -> None:
-    check_low_precision(triton_backend, spec, cache_dtype, torch.float32 if query_is_fp32 else cache_dtype)
+    check_low_precision(backends, spec, cache_dtype, torch.float32 if query_is_fp32 else cache_dtype)
 
 
 # Named shapes the contract calls out, so they are covered whatever hypothesis draws.
@@ -117,8 +134,8 @@ SCENARIOS = {
 
 
 @pytest.mark.parametrize("spec", SCENARIOS.values(), ids=SCENARIOS.keys())
-def test_scenario_matches_reference(triton_backend, spec: BatchSpec) -> None:
-    check_fp32(triton_backend, spec)
+def test_scenario_matches_reference(backends, spec: BatchSpec) -> None:
+    check_fp32(backends, spec)
 
 
 @given(

@@ -75,10 +75,14 @@ def run_alone(backend: kernels.AttentionBackend, steps: list[EngineStep]) -> lis
     return [[backend.paged_attention(*step.layer_args(layer)) for layer in range(NUM_LAYERS)] for step in steps]
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton", "cpu_fused"])
 def backend_name(request: pytest.FixtureRequest) -> str:
     if request.param == "triton":
         request.getfixturevalue("triton_backend")  # fails clearly if the kernels cannot run here
+    if request.param == "cpu_fused":
+        if DEVICE.type != "cpu":
+            pytest.skip("cpu_fused runs on CPU tensors")
+        request.getfixturevalue("cpu_fused_backend")  # builds the extension if `make setup` has not
     return request.param
 
 
@@ -119,14 +123,21 @@ def test_interleaved_engines_each_build_their_padding_plan_once_per_step(monkeyp
     assert len(builds) == len(steps_a) + len(steps_b)
 
 
-def test_two_engines_stepping_in_parallel_threads_give_each_its_results_alone() -> None:
+@pytest.mark.parametrize("parallel_backend", ["torch", "cpu_fused"])
+def test_two_engines_stepping_in_parallel_threads_give_each_its_results_alone(
+    request: pytest.FixtureRequest, parallel_backend: str
+) -> None:
     """Engines in one process step on their own threads; a shared gather workspace would mix their K/V."""
+    if parallel_backend == "cpu_fused":
+        if DEVICE.type != "cpu":
+            pytest.skip("cpu_fused runs on CPU tensors")
+        request.getfixturevalue("cpu_fused_backend")
     steps_a, steps_b = make_engine_steps()
-    alone = [run_alone(kernels.load_backend("torch", DEVICE), steps) for steps in (steps_a, steps_b)]
+    alone = [run_alone(kernels.load_backend(parallel_backend, DEVICE), steps) for steps in (steps_a, steps_b)]
     mismatches: list[str] = []
 
     def step_repeatedly(name: str, steps: list[EngineStep], expected: list[list[torch.Tensor]]) -> None:
-        backend = kernels.load_backend("torch", DEVICE)
+        backend = kernels.load_backend(parallel_backend, DEVICE)
         for _ in range(150):
             for step, expected_step in zip(steps, expected):
                 for layer in range(NUM_LAYERS):

@@ -1,4 +1,4 @@
-"""write_kv_cache and copy_blocks of both backends: exactly the addressed slots and blocks change."""
+"""write_kv_cache and copy_blocks of every backend: exactly the addressed slots and blocks change."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ from .paged_batches import DEVICE, BatchSpec, make_batch, reference_attention, r
 CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton", "cpu_fused"])
 def backend(request: pytest.FixtureRequest, triton_backend):
+    if request.param == "cpu_fused":
+        if DEVICE.type != "cpu":
+            pytest.skip("cpu_fused runs on CPU tensors; the tests run on CUDA here")
+        return request.getfixturevalue("cpu_fused_backend")
     return triton_backend if request.param == "triton" else torch_backend
 
 
@@ -59,15 +63,19 @@ def test_write_kv_cache_casts_rows_to_the_cache_dtype(backend, dtype: torch.dtyp
         torch.testing.assert_close(cache_after[slot_mapping].float(), new_rows, rtol=one_ulp, atol=0)
 
 
-def test_write_kv_cache_reads_strided_rows(triton_backend) -> None:
+@pytest.mark.parametrize("name", ["triton", "cpu_fused"])
+def test_write_kv_cache_reads_strided_rows(request: pytest.FixtureRequest, name: str) -> None:
     """K and V sliced out of a fused QKV projection (row stride larger than the row) are written correctly."""
+    if name == "cpu_fused" and DEVICE.type != "cpu":
+        pytest.skip("cpu_fused runs on CPU tensors")
+    backend = request.getfixturevalue(f"{name}_backend")
     num_kv_heads, head_dim = 2, 64
     key_cache = random_cache(4, 16, num_kv_heads, head_dim, torch.float32, seed=4)
     value_cache = random_cache(4, 16, num_kv_heads, head_dim, torch.float32, seed=5)
     fused = torch.randn(5, 6, head_dim, device=DEVICE)  # [T, q heads + k heads + v heads, head_dim]
     key, value = fused[:, 2:4], fused[:, 4:6]
     slot_mapping = torch.tensor([3, 60, 21, 22, 40], device=DEVICE)
-    triton_backend.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    backend.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
     assert torch.equal(key_cache.view(-1, num_kv_heads, head_dim)[slot_mapping], key)
     assert torch.equal(value_cache.view(-1, num_kv_heads, head_dim)[slot_mapping], value)
 
