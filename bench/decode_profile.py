@@ -62,8 +62,10 @@ class AttentionTimer:
 
 
 def profile_backend(model: Path, backend: str, batch: int, context: int, steps: int, threads: int | None) -> dict:
+    backend, _, kv_cache_dtype = backend.partition(":")  # `cpu_fused:bfloat16`: with a 16-bit KV cache
     llm = LLM(str(model), attention_backend=backend, num_threads=threads, max_num_seqs=batch, max_model_len=2048,
-              max_num_batched_tokens=4096, kv_cache_memory_bytes=2 * 1024**3)  # fmt: skip
+              max_num_batched_tokens=4096, kv_cache_memory_bytes=2 * 1024**3,
+              kv_cache_dtype=kv_cache_dtype or "auto")  # fmt: skip
     engine = llm.engine
     assert engine.model_runner.backend.name == backend, engine.model_runner.backend.name
     torch.set_num_threads(engine.config.resolved_num_threads())
@@ -89,7 +91,7 @@ def profile_backend(model: Path, backend: str, batch: int, context: int, steps: 
         engine.abort(request_id)
     shares = [a / s for a, s in zip(attention_s, step_s)]
     return {
-        "backend": backend,
+        "backend": backend + (f":{kv_cache_dtype}" if kv_cache_dtype else ""),
         "batch": batch,
         "context": context,
         "threads": torch.get_num_threads(),

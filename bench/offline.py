@@ -126,16 +126,28 @@ def timed_model(engine: LLMEngine) -> Iterator[list[float]]:
         engine.model_runner.execute = execute
 
 
-def run_engine(llm: LLM, workload: list[Request]) -> tuple[int, float, dict[str, float]]:
-    """Generate the whole workload; also time the step outside the model runner (the engine's own overhead)."""
+def run_engine(llm: LLM, workload: list[Request],
+               token_ids: list[list[int]] | None = None) -> tuple[int, float, dict[str, float]]:  # fmt: skip
+    """Generate the whole workload; also time the step outside the model runner (the engine's own overhead).
+    `token_ids`, if given, receives each request's output tokens."""
     prompts = [r.prompt_token_ids for r in workload]
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in workload]
     with timed_model(llm.engine) as model_time:
         start = time.perf_counter()
         outputs = llm.generate(prompts, params)
         elapsed = time.perf_counter() - start
+    if token_ids is not None:
+        token_ids.extend(o.outputs[0].token_ids for o in outputs)
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return tokens, elapsed, {"model_s": model_time[0], "engine_overhead_s": elapsed - model_time[0]}
+
+
+def greedy_agreement(reference: list[list[int]], outputs: list[list[int]]) -> dict[str, float]:
+    """How far greedy outputs follow the reference: tokens before the first difference, and identical outputs."""
+    common = [next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), min(len(ref), len(out)))
+              for ref, out in zip(reference, outputs)]  # fmt: skip
+    return {"tokens_before_divergence": sum(common) / sum(len(ref) for ref in reference),
+            "identical_outputs": sum(ref == out for ref, out in zip(reference, outputs)) / len(reference)}
 
 
 def measure_decode(llm: LLM, batch_size: int, prompt_len: int, num_steps: int, peak: float) -> dict[str, float]:
@@ -190,6 +202,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=300, help="--profile: prompt tokens per sequence")
     parser.add_argument("--steps", type=int, default=8, help="--profile: timed decode steps per backend")
     parser.add_argument("--backends", default="torch,cpu_fused", help="--profile: comma-separated backends")
+    parser.add_argument("--kv-cache-dtype", default=None, choices=["bfloat16", "float16"],
+                        help="also run the workload with this 16-bit KV cache: throughput and greedy agreement")
     args = parser.parse_args()
     if args.profile:
         from bench import decode_profile
@@ -213,10 +227,24 @@ def main() -> None:
     peak = measure_gemm_peak()
     print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s")
 
-    results: dict[str, object] = {"threads": threads, "gemm_peak_gflops": peak / 1e9, "num_requests": len(workload)}
-    tokens, elapsed, split = run_engine(llm, workload)
+    results: dict[str, object] = {"threads": threads, "gemm_peak_gflops": peak / 1e9, "num_requests": len(workload),
+                                  "attention_backend": llm.engine.model_runner.backend.name}  # fmt: skip
+    reference: list[list[int]] = []
+    tokens, elapsed, split = run_engine(llm, workload, reference)
     engine_tok_s = tokens / elapsed
     results["engine"] = {"tokens": tokens, "seconds": elapsed, "tok_s": engine_tok_s, **split}
+    if args.kv_cache_dtype:
+        kv_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
+                     kv_cache_memory_bytes=3 * 1024**3, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
+        kv_outputs: list[list[int]] = []
+        kv_tokens, kv_elapsed, _ = run_engine(kv_llm, workload, kv_outputs)
+        agreement = greedy_agreement(reference, kv_outputs)
+        results["engine_kv16"] = {"kv_cache_dtype": args.kv_cache_dtype, "tok_s": kv_tokens / kv_elapsed,
+                                  **agreement}  # fmt: skip
+        print(f"{args.kv_cache_dtype} KV cache: {kv_tokens / kv_elapsed:.1f} tok/s (fp32 KV {engine_tok_s:.1f}); "
+              f"greedy agreement with fp32 KV: {agreement['tokens_before_divergence']:.1%} of tokens before the "
+              f"first difference, {agreement['identical_outputs']:.1%} of outputs identical")  # fmt: skip
+        del kv_llm
 
     static_tokens, static_s = run_hf_static_batches(args.model, workload, args.static_batch_size)
     static_tok_s = static_tokens / static_s

@@ -27,6 +27,11 @@ class EngineConfig(BaseModel):
     tokenizer: str | None = Field(default=None, description="Tokenizer directory; defaults to `model`")
     served_model_name: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="auto: the model's dtype. A 16-bit cache under a float32 model halves KV memory and attention "
+        "bandwidth (the cpu_fused kernel converts as it reads; outputs then differ slightly from transformers)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     block_size: int = Field(default=16, ge=1, le=256)
     kv_cache_memory_bytes: int | None = Field(default=None, gt=0, description="KV cache budget in bytes")

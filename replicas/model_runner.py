@@ -77,25 +77,32 @@ class ModelRunner:
             )
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, max(self.max_model_len, 1))
         self.backend = kernels.load_backend(config.attention_backend, self.device)
+        self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else _DTYPES[config.kv_cache_dtype]
+        if self.kv_dtype != self.dtype and self.backend.name != "cpu_fused":
+            raise EngineConfigError(
+                f"kv_cache_dtype={config.kv_cache_dtype} with {self.dtype} compute needs the cpu_fused attention "
+                f"backend (it converts as it reads; built by `make setup`), not {self.backend.name}"
+            )
         attention_layers = self.model.attention_layers()
         first = attention_layers[0]
         self.kv_spec = KVCacheSpec(
-            len(attention_layers), first.num_kv_heads, first.head_dim, config.block_size, self.dtype
+            len(attention_layers), first.num_kv_heads, first.head_dim, config.block_size, self.kv_dtype
         )
         self.num_blocks = self._num_kv_blocks()
         shape = (self.num_blocks, config.block_size, first.num_kv_heads, first.head_dim)
         # NOTE: uninitialized, so a large cache costs no time and no resident memory until its blocks are written;
         # the kernels never read a slot past a sequence's length (tests poison those slots with NaN).
-        self.key_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in attention_layers]
-        self.value_caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in attention_layers]
+        self.key_caches = [torch.empty(shape, dtype=self.kv_dtype, device=self.device) for _ in attention_layers]
+        self.value_caches = [torch.empty(shape, dtype=self.kv_dtype, device=self.device) for _ in attention_layers]
         for layer, key_cache, value_cache in zip(attention_layers, self.key_caches, self.value_caches):
             layer.bind(self.backend, key_cache, value_cache)
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %d bytes per token, %.2f GiB, backend %s",
+            "KV cache: %d blocks x %d tokens = %d tokens, %d bytes per token (%s), %.2f GiB, backend %s",
             self.num_blocks,
             config.block_size,
             self.num_blocks * config.block_size,
             self.kv_spec.bytes_per_token,
+            str(self.kv_dtype).removeprefix("torch."),
             self.num_blocks * self.kv_spec.bytes_per_block / 1024**3,
             self.backend.name,
         )
