@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.decode_profile import cpu_flags, cpu_model
+from bench.machine import cpu_flags, cpu_model
 from kernels.cpu_fused_backend import CpuFusedAttentionBackend
 from kernels.torch_backend import TorchAttentionBackend
 from tests.kernels.paged_batches import BatchSpec, make_batch

@@ -19,27 +19,10 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import cpu_flags, cpu_model
 from replicas import LLM, SamplingParams
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD-relevant flags of this CPU (the fused kernel is compiled for them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "sse4", "amx")))
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
 
 
 class AttentionTimer:

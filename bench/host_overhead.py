@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench.machine import cpu_flags  # noqa: E402
 from replicas import AsyncEngine, LLMEngine, SamplingParams  # noqa: E402
 from replicas.config import EngineConfig  # noqa: E402
 from replicas.default_model import DEFAULT_MODEL_DIR  # noqa: E402
@@ -146,15 +147,6 @@ def run_async(model_dir: Path, kv_bytes: int, num_seqs: int, steps: int, warmup:
     async_engine.shutdown()
     return {"kv_cache_bytes": kv_bytes, "step_ms": 1e3 * window["wall"], "forward_ms": 1e3 * window["forward"],
             "host_ms": 1e3 * (window["wall"] - window["forward"])}  # fmt: skip
-
-
-def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ from bench.loadgen import (
     shared_prefix_workload,
     word_vocabulary,
 )
+from bench.machine import cpu_flags
 from bench.offline import flops_per_token, measure_gemm_peak
 from bench.servers import BaselineServer, ServeCluster
 from replicas.default_model import DEFAULT_MODEL_DIR
@@ -607,19 +608,8 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return (f"{len(os.sched_getaffinity(0))} vCPUs ({model}; {cpu_flags()}), "
+    return (f"{len(os.sched_getaffinity(0))} vCPUs ({model}; flags {' '.join(cpu_flags())}), "
             f"{psutil.virtual_memory().total / GiB:.0f} GiB, no GPU")  # fmt: skip
-
-
-def cpu_flags() -> str:
-    """The vector-ISA flags that decide CPU kernel speed here (/proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "flags unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
-    return "flags " + " ".join(f for f in wanted if f in flags)
 
 
 def _interrupt(signum: int, frame: object) -> None:

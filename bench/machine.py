@@ -1,0 +1,24 @@
+"""What every benchmark figure is recorded with: the CPU model and its vector-ISA flags (/proc/cpuinfo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD-relevant flags of this CPU (kernels and GEMMs are only as fast as these allow)."""
+    text = _cpuinfo()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "sse4", "amx")))
+
+
+def cpu_model() -> str:
+    text = _cpuinfo()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
