@@ -66,6 +66,17 @@ def flops_per_token(model: torch.nn.Module, hf_config: object, context_len: floa
     return 2 * linear + attention
 
 
+def workload_flops(model: torch.nn.Module, hf_config: object, workload: list[Request]) -> float:
+    """Matmul FLOPs of computing every prompt and output token of the workload once (prompt tokens attend to half
+    their prompt on average, output tokens to the prompt plus half the output)."""
+    total = 0.0
+    for request in workload:
+        prompt, output = len(request.prompt_token_ids), request.max_tokens
+        total += prompt * flops_per_token(model, hf_config, prompt / 2)
+        total += output * flops_per_token(model, hf_config, prompt + output / 2)
+    return total
+
+
 def run_hf_sequential(model_dir: Path, workload: list[Request]) -> tuple[int, float]:
     from transformers import AutoModelForCausalLM
 
@@ -232,7 +243,12 @@ def main() -> None:
     reference: list[list[int]] = []
     tokens, elapsed, split = run_engine(llm, workload, reference)
     engine_tok_s = tokens / elapsed
-    results["engine"] = {"tokens": tokens, "seconds": elapsed, "tok_s": engine_tok_s, **split}
+    flops = workload_flops(llm.engine.model_runner.model, llm.engine.model_runner.hf_config, workload)
+    results["engine"] = {"tokens": tokens, "seconds": elapsed, "tok_s": engine_tok_s, **split,
+                         "gflops": flops / elapsed / 1e9, "fraction_of_gemm_peak": flops / elapsed / peak}  # fmt: skip
+    print(f"engine on the mixed workload: {engine_tok_s:.1f} tok/s, {flops / elapsed / 1e9:.1f} GFLOP/s = "
+          f"{flops / elapsed / peak:.0%} of the measured fp32 GEMM peak ({peak / 1e9:.1f} GFLOP/s; 2 x parameters "
+          f"per computed prompt and output token + attention)")  # fmt: skip
     if args.kv_cache_dtype:
         kv_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
                      kv_cache_memory_bytes=3 * 1024**3, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
@@ -240,8 +256,9 @@ def main() -> None:
         kv_tokens, kv_elapsed, _ = run_engine(kv_llm, workload, kv_outputs)
         agreement = greedy_agreement(reference, kv_outputs)
         results["engine_kv16"] = {"kv_cache_dtype": args.kv_cache_dtype, "tok_s": kv_tokens / kv_elapsed,
-                                  **agreement}  # fmt: skip
-        print(f"{args.kv_cache_dtype} KV cache: {kv_tokens / kv_elapsed:.1f} tok/s (fp32 KV {engine_tok_s:.1f}); "
+                                  "fraction_of_gemm_peak": flops / kv_elapsed / peak, **agreement}  # fmt: skip
+        print(f"{args.kv_cache_dtype} KV cache: {kv_tokens / kv_elapsed:.1f} tok/s = "
+              f"{flops / kv_elapsed / peak:.0%} of the GEMM peak (fp32 KV {engine_tok_s:.1f}); "
               f"greedy agreement with fp32 KV: {agreement['tokens_before_divergence']:.1%} of tokens before the "
               f"first difference, {agreement['identical_outputs']:.1%} of outputs identical")  # fmt: skip
         del kv_llm
