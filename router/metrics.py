@@ -7,6 +7,9 @@
   engine call, by why: `prefix_hit` (the replica holding the request's longest cached prefix), `least_loaded`
   (fewest waiting, most free KV blocks, from fresh replica stats) or `fallback` (stale stats: power of two
   choices; or only saturated replicas were left).
+- `paged_serve_router_migrations_total{reason, application}`: requests resumed on another replica after the one
+  serving them was lost (router/migration.py), by why: `actor_died`, `actor_unavailable`, `engine_dead`,
+  `no_replica`; and `gave_up`: a lost request past its `max_migrations` or deadline, answered with the error.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PREFIX = "paged_serve_router_"
 ROUTING_REASONS = ("prefix_hit", "least_loaded", "fallback")
+MIGRATION_REASONS = ("actor_died", "actor_unavailable", "engine_dead", "no_replica", "gave_up")
 
 
 @functools.cache
@@ -40,6 +44,18 @@ def routing_decisions() -> Counter:
 
 def record_routing_decision(reason: str, application: str) -> None:
     routing_decisions().inc(1, tags={"reason": reason, "application": application})
+
+
+@functools.cache
+def migrations() -> Counter:
+    return Counter(
+        PREFIX + "migrations", "Requests resumed on another replica after theirs was lost, by reason (gave_up: not).",
+        tag_keys=("reason", "application"),
+    )  # fmt: skip
+
+
+def record_migration(reason: str) -> None:
+    migrations().inc(1, tags={"reason": reason, "application": _application()})
 
 
 class RequestMetricsMiddleware:
