@@ -1,18 +1,24 @@
 """An `LLMReplica` for fault tests: its engine fails any step that computes a request whose prompt starts with
-`POISON_PROMPT`, as a bug or a bad kernel input would. Otherwise it is the production replica, unchanged.
+`POISON_PROMPT`, as a bug or a bad kernel input would; a request whose prompt starts with `DYING_PROMPT` gets
+`DYING_AFTER_OUTPUTS` deltas and then the error of a dead engine loop, as if its replica died under it (on every
+replica, so migration never saves it). Otherwise it is the production replica, unchanged.
 
 Imported by Ray workers by module path (the test cluster's PYTHONPATH is the repository root).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+from replicas.contract import EngineUnavailableError, RequestOutput
 from replicas.deployment import LLMReplica
 
 # Token ids no other test sends at the start of a prompt.
 POISON_PROMPT = [31337, 27182, 31415, 16180]
 INJECTED_FAULT_MESSAGE = "injected fault"
+DYING_PROMPT = [27182, 31337, 16180, 31415]
+DYING_AFTER_OUTPUTS = 2
 
 
 class _FaultInjectingReplica(LLMReplica.func_or_class):  # type: ignore[misc, name-defined]
@@ -28,6 +34,22 @@ class _FaultInjectingReplica(LLMReplica.func_or_class):  # type: ignore[misc, na
 
         # NOTE: the engine thread looks the method up on every step, so this takes effect from the next one.
         runner.execute = execute_unless_poisoned
+        self._dying_calls = 0
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], *args: Any,
+                       **kwargs: Any) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        dying = prompt_token_ids[: len(DYING_PROMPT)] == DYING_PROMPT
+        self._dying_calls += dying
+        num_outputs = 0
+        async for output in super().generate(request_id, prompt_token_ids, *args, **kwargs):
+            yield output
+            num_outputs += 1
+            if dying and num_outputs >= DYING_AFTER_OUTPUTS and not output.finished:
+                raise EngineUnavailableError("engine loop is not running: injected death")
+
+    def dying_calls(self) -> int:
+        """Calls this replica got for `DYING_PROMPT` requests, resumed ones included."""
+        return self._dying_calls
 
 
 FaultInjectingReplica = LLMReplica.options(func_or_class=_FaultInjectingReplica)
