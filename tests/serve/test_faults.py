@@ -15,7 +15,7 @@ import pytest
 import ray
 
 from tests.serve.conftest import ServedApp, run, wait_until
-from tests.serve.fault_injection import DYING_PROMPT, INJECTED_FAULT_MESSAGE, POISON_PROMPT
+from tests.serve.fault_injection import DYING_PROMPT, INJECTED_FAULT_MESSAGE, POISON_PROMPT, dying_calls_in_process
 from tests.serve.stress_client import (
     CLIENT_TIMEOUT_S,
     Outcome,
@@ -109,7 +109,8 @@ def _token_ids(tokens: list[str]) -> list[int]:
 def dying_calls(app_name: str) -> int:
     """Calls for `DYING_PROMPT` requests over the app's replicas (tests/serve/fault_injection.py)."""
     names = list(live_replica_stats(app_name))
-    return sum(ray.get(ray.get_actor(name, namespace="serve").dying_calls.remote(), timeout=30) for name in names)
+    actors = [ray.get_actor(name, namespace="serve") for name in names]
+    return sum(ray.get([actor.__ray_call__.remote(dying_calls_in_process) for actor in actors], timeout=30))
 
 
 @pytest.mark.parametrize("streamed", [True, False])
