@@ -22,7 +22,7 @@ from replicas.sampling_params import SamplingParams
 from router import responses
 from router.admission import AdmissionLimit, ConcurrencyLimitMiddleware
 from router.errors import APIError, bad_request, from_validation_error, http_status_error
-from router.metrics import RequestMetricsMiddleware, record_migration
+from router.metrics import RequestMetricsMiddleware, record_migration, start_migration_series
 from router.migration import MigrationPolicy, migrating_outputs
 from router.openapi_schema import add_request_schemas, json_body
 from router.fields import REFUSED_CHAT_FIELDS, REFUSED_VLLM_FIELDS, check_field_values, refuse_known_fields
@@ -174,6 +174,7 @@ class OpenAIIngress:
         self._model_info: ModelInfo | None = None
         self._model_info_lock = asyncio.Lock()
         self.migration = MigrationPolicy(self.config.max_migrations, self.config.migration_deadline_s)
+        start_migration_series()
         self.model_id = self.config.model_id()
         logger.info("ingress ready: model %s, API key %s", self.model_id, "required" if api_key else "off")
 
