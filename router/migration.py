@@ -160,4 +160,4 @@ async def _first_within(
         return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
     except (asyncio.TimeoutError, StopAsyncIteration):
         on_migration("gave_up")
-        raise lost from None
+        raise lost from lost.__cause__  # the same error the lost call ended with
