@@ -57,6 +57,13 @@ def test_an_exception_in_an_engine_step_fails_its_request_and_the_engine_goes_on
 MAX_MIGRATIONS = 2
 KILL_PROMPTS = [random_ids(10, 100 + i) for i in range(16)]
 KILL_MAX_TOKENS = 500
+# Two streams and two whole completions sample (seeded, with penalties): they must continue the same random stream.
+SEEDED_SAMPLING = {"temperature": 0.8, "top_k": 40, "frequency_penalty": 0.5, "presence_penalty": 0.2}
+SEEDED = {10, 11, 14, 15}
+
+
+def kill_sampling(i: int) -> dict[str, Any]:
+    return {**SEEDED_SAMPLING, "seed": 1000 + i} if i in SEEDED else {}
 
 
 @dataclass
@@ -70,10 +77,11 @@ class Completion:
     error: dict[str, Any] | None = None
 
 
-async def greedy_completion(client: httpx.AsyncClient, prompt: list[int], max_tokens: int,
-                            streamed: bool) -> Completion:  # fmt: skip
+async def greedy_completion(client: httpx.AsyncClient, prompt: list[int], max_tokens: int, streamed: bool,
+                            sampling: dict[str, Any] | None = None) -> Completion:  # fmt: skip
+    """Greedy unless `sampling` says otherwise."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 0,
-            "return_tokens_as_token_ids": True, "stream": streamed}  # fmt: skip
+            "return_tokens_as_token_ids": True, "stream": streamed, **(sampling or {})}  # fmt: skip
     if not streamed:
         response = await client.post("/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S)
         payload = response.json()
@@ -151,8 +159,8 @@ def _uninterrupted(stress_app: ServedApp) -> list[Completion]:
     async def scenario() -> list[Completion]:
         async with httpx.AsyncClient(base_url=stress_app.base_url,
                                      limits=httpx.Limits(max_connections=None)) as client:  # fmt: skip
-            return await asyncio.gather(*(greedy_completion(client, prompt, KILL_MAX_TOKENS, False)
-                                          for prompt in KILL_PROMPTS))  # fmt: skip
+            return await asyncio.gather(*(greedy_completion(client, prompt, KILL_MAX_TOKENS, False, kill_sampling(i))
+                                          for i, prompt in enumerate(KILL_PROMPTS)))  # fmt: skip
 
     references = run(scenario())
     assert [reference.status for reference in references] == [200] * len(KILL_PROMPTS)
@@ -171,7 +179,8 @@ def _kill_a_replica_under_load(stress_app: ServedApp, references: list[Completio
         async with httpx.AsyncClient(base_url=stress_app.base_url,
                                      limits=httpx.Limits(max_connections=None)) as client:  # fmt: skip
             # 12 streams and 4 whole completions; then a replica dies under some of them.
-            requests = [asyncio.create_task(greedy_completion(client, prompt, KILL_MAX_TOKENS, streamed=i < 12))
+            requests = [asyncio.create_task(greedy_completion(client, prompt, KILL_MAX_TOKENS, i < 12,
+                                                              kill_sampling(i)))
                         for i, prompt in enumerate(KILL_PROMPTS)]  # fmt: skip
             # NOTE: the victim is a replica holding requests, whichever the router chose (not necessarily both).
             victim = (await asyncio.to_thread(wait_until, busy_replicas, 60, 0.2))[0]
@@ -179,7 +188,8 @@ def _kill_a_replica_under_load(stress_app: ServedApp, references: list[Completio
             return victim, await asyncio.gather(*requests)
 
     victim, outcomes = run(scenario())
-    # Every request completes, token for token what it would have been without the kill, one usage block each.
+    # Every request completes, token for token what it would have been without the kill (greedy, and seeded
+    # sampling with penalties alike), one usage block each.
     for i, (outcome, reference) in enumerate(zip(outcomes, references)):
         assert outcome.status == 200 and outcome.error is None, (i, outcome.status, outcome.error)
         assert len(outcome.token_ids) == KILL_MAX_TOKENS, i
