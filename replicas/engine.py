@@ -108,7 +108,8 @@ class LLMEngine:
         """Queue a request. Raises `RequestError` (with the reason) for a request that could never run.
 
         `priority` matters under the `priority` and `fair` scheduling policies: lower values run first. `resume`:
-        continue a request migrated from a lost replica (contract.ResumeState); its outputs carry new tokens only."""
+        continue a request migrated from a lost replica (contract.ResumeState); its delta outputs carry new tokens
+        only."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         request = self.intake.make_request(
