@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from replicas.config import EngineConfig
-from replicas.contract import ModelInfo, RequestOutput, merge_deltas
+from replicas.contract import ModelInfo, RequestOutput, ResumeState, merge_deltas
 from replicas.engine import LLMEngine
 from replicas.intake import OutputKind
 from replicas.outputs import EngineStats
@@ -35,6 +35,7 @@ class _Add:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
     accepted: asyncio.Future[None]
+    resume: ResumeState | None = None
 
 
 @dataclass
@@ -93,6 +94,7 @@ class AsyncEngine:
         prompt_token_ids: list[int] | None = None,
         output_kind: OutputKind = "delta",
         priority: int = 0,
+        resume: ResumeState | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they are produced; raises `RequestError` for a refused request."""
         if not self.is_alive:
@@ -106,7 +108,7 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         accepted: asyncio.Future[None] = loop.create_future()
         command = _Add(request_id, prompt, prompt_token_ids, params, output_kind, priority, loop,
-                       outputs, accepted)  # fmt: skip
+                       outputs, accepted, resume)  # fmt: skip
         self._commands.put(command)
         if not self.is_alive:  # it died after the check above: nobody may ever read the command
             self._refuse(command)
@@ -177,7 +179,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(command.request_id, command.prompt, command.params,
                                         prompt_token_ids=command.prompt_token_ids, output_kind=command.output_kind,
-                                        priority=command.priority)  # fmt: skip
+                                        priority=command.priority, resume=command.resume)  # fmt: skip
             except Exception as error:  # noqa: BLE001 — a refused request goes back to its caller
                 command.loop.call_soon_threadsafe(_set_future, command.accepted, error)
                 return

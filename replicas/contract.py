@@ -63,6 +63,22 @@ class EngineUnavailableError(RuntimeError):
     """The replica's engine loop is gone: the replica is about to be restarted, retry on another."""
 
 
+# --- a request resumed on another replica (router/migration.py) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a request migrated off a lost replica picks up: the output its client already has.
+
+    The engine takes `output_token_ids` as *output* (after the prompt), so sampling continues as if uninterrupted:
+    seeded streams at the same position, penalties, `min_tokens` / `max_tokens` and the grammar over all of them.
+    `num_text_chars`: characters of their text already delivered; the rest (held back as a possible stop-string
+    prefix) is the new replica's to send, so a stop string across the cut is still found."""
+
+    output_token_ids: list[int]
+    num_text_chars: int
+
+
 # --- records the replica reports ----------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from ray import serve
 from replicas import EngineDeadError, RequestError
 from replicas.async_engine import AsyncEngine
 from replicas.config import EngineConfig
-from replicas.contract import EngineUnavailableError, RequestOutput, RequestRejectedError, RoutingStats
+from replicas.contract import EngineUnavailableError, RequestOutput, RequestRejectedError, ResumeState, RoutingStats
 from replicas.metrics import ReplicaMetrics
 from replicas.sampling_params import SamplingParams
 
@@ -73,9 +73,11 @@ class LLMReplica:
         params: SamplingParams,
         prefix_hashes: list[str] | None = None,
         priority: int = 0,
+        resume: ResumeState | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's output deltas. `prefix_hashes` is for the request router; the engine re-derives them.
         `priority`: lower runs first under the `priority` and `fair` scheduling policies (ignored by `fcfs`).
+        `resume`: continue a request another replica lost (router/migration.py); the deltas carry new tokens only.
 
         Raises `RequestRejectedError` for a request the engine refuses and `EngineUnavailableError` when the engine
         loop is gone. Cancelling the call (a client disconnect) aborts the request and frees its KV blocks.
@@ -84,7 +86,8 @@ class LLMReplica:
         self._num_open_streams += 1
         try:
             async for output in self.engine.generate(
-                request_id, prompt_token_ids=prompt_token_ids, params=params, output_kind="delta", priority=priority
+                request_id, prompt_token_ids=prompt_token_ids, params=params, output_kind="delta", priority=priority,
+                resume=resume,
             ):
                 self.metrics.observe(output)
                 finished = output.finished

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from replicas.block_manager import BlockManager
 from replicas.config import EngineConfig
-from replicas.contract import ModelInfo, RequestOutput
+from replicas.contract import ModelInfo, RequestOutput, ResumeState
 from replicas.intake import OutputKind, Request, RequestError, RequestIntake
 from replicas.model_runner import ModelRunner
 from replicas.output_processor import OutputProcessor
@@ -103,20 +103,23 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         output_kind: OutputKind = "cumulative",
         priority: int = 0,
+        resume: ResumeState | None = None,
     ) -> None:
         """Queue a request. Raises `RequestError` (with the reason) for a request that could never run.
 
-        `priority` matters under the `priority` and `fair` scheduling policies: lower values run first."""
+        `priority` matters under the `priority` and `fair` scheduling policies: lower values run first. `resume`:
+        continue a request migrated from a lost replica (contract.ResumeState); its delta outputs carry new tokens
+        only."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         request = self.intake.make_request(
-            request_id, prompt, params or SamplingParams(), prompt_token_ids, output_kind, priority
+            request_id, prompt, params or SamplingParams(), prompt_token_ids, output_kind, priority, resume
         )
         if request.params.structured_output is not None:  # raises for an oversized spec; compiles off this thread
             request.seqs[0].grammar = self.structured_output.state_for(request.params.structured_output)
             self.compiling[request_id] = request
         self.requests[request_id] = request
-        self.output_processor.add(request.seqs[0])
+        self.output_processor.add(request.seqs[0], resume.num_text_chars if resume is not None else 0)
         self.scheduler.add(request.seqs[0])
 
     def abort(self, request_id: str) -> bool:
@@ -183,6 +186,9 @@ class LLMEngine:
                 continue
             del self.compiling[request_id]
             error = self.structured_output.start(state)
+            # A resumed request's grammar replays the output it already has (contract.ResumeState).
+            for token_id in request.seqs[0].output_token_ids:
+                error = error or state.accept(token_id)
             if error is not None:
                 self._mark_failed(request, error)
                 if (output := self._output(request)) is not None:

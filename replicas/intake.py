@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from replicas.config import EngineConfig
-from replicas.contract import TokenLogprobs
+from replicas.contract import ResumeState, TokenLogprobs
 from replicas.sampler import rng_key
 from replicas.sampling_params import SamplingParams
 from replicas.sequence import Sequence
@@ -68,8 +68,11 @@ class RequestIntake:
         prompt_token_ids: list[int] | None,
         output_kind: OutputKind,
         priority: int,
+        resume: ResumeState | None = None,
     ) -> Request:
-        """A validated request with its first sequence. Raises `RequestError` for one that could never run."""
+        """A validated request with its first sequence. Raises `RequestError` for one that could never run.
+
+        `resume`: output tokens the request already produced elsewhere; they follow the prompt as output tokens."""
         if isinstance(prompt, list):
             prompt, prompt_token_ids = None, prompt
         if prompt_token_ids is None:
@@ -78,6 +81,7 @@ class RequestIntake:
             prompt_token_ids = self.tokenizer.encode(prompt)
         prompt_token_ids = list(prompt_token_ids)
         self.validate(prompt_token_ids, params)
+        resumed = self.validate_resume(params, resume) if resume is not None else []
         request = Request(request_id, prompt, prompt_token_ids, params, output_kind, priority)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
@@ -85,7 +89,7 @@ class RequestIntake:
             seq_id=self.next_seq_id(),
             request_id=request_id,
             index=0,
-            token_ids=list(prompt_token_ids),
+            token_ids=list(prompt_token_ids) + resumed,
             num_prompt_tokens=len(prompt_token_ids),
             params=params,
             rng_key=self.rng_key(params, 0),
@@ -112,6 +116,21 @@ class RequestIntake:
         if params.seed is None or params.greedy:
             return None
         return rng_key(params.seed, index)
+
+    def validate_resume(self, params: SamplingParams, resume: ResumeState) -> list[int]:
+        """The resumed output tokens, checked: one sample (NOTE: forking happens after a fresh prompt's prefill,
+        so `n > 1` continuations go one per request), no prompt logprobs (already delivered), room to go on."""
+        resumed = list(resume.output_token_ids)
+        if params.num_samples > 1:
+            raise RequestError("a resumed request must have n = 1 and no best_of", "resume")
+        if params.prompt_logprobs is not None:
+            raise RequestError("a resumed request cannot ask for prompt_logprobs again", "resume")
+        if params.max_tokens is not None and len(resumed) >= params.max_tokens:
+            raise RequestError(f"{len(resumed)} resumed tokens leave none of max_tokens {params.max_tokens}", "resume")
+        bad = [t for t in resumed if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"resumed token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", "resume")
+        return resumed
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         num_prompt = len(prompt_token_ids)

@@ -40,9 +40,17 @@ class OutputProcessor:
         self.tokenizer = tokenizer.backend_tokenizer  # the Rust tokenizer a transformers fast tokenizer wraps
         self.samples: dict[int, SampleOutput] = {}  # by seq_id
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, num_resumed_chars: int = 0) -> None:
+        """Start `seq`'s output. A resumed sequence (output tokens already) replays them through its decoder, as
+        the replica that produced them did: the next delta's text continues theirs (a multi-byte character, a
+        leading space), and the text past `num_resumed_chars` (held back there) is sent from here."""
         context = seq.token_ids[max(0, seq.num_prompt_tokens - DECODE_CONTEXT_TOKENS) : seq.num_prompt_tokens]
-        self.samples[seq.seq_id] = SampleOutput(DecodeStream(context, seq.params.skip_special_tokens))
+        sample = SampleOutput(DecodeStream(context, seq.params.skip_special_tokens))
+        for token_id in seq.output_token_ids:
+            sample.text += sample.decoder.step(self.tokenizer, token_id) or ""
+        sample.num_emitted_tokens = seq.num_output_tokens
+        sample.num_emitted_chars = min(num_resumed_chars, len(sample.text))
+        self.samples[seq.seq_id] = sample
 
     def remove(self, request: Request) -> None:
         for seq in request.seqs:

@@ -17,12 +17,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from replicas.contract import ModelInfo, prefix_block_hashes
+from replicas.contract import ModelInfo, ResumeState, prefix_block_hashes
 from replicas.sampling_params import SamplingParams
 from router import responses
 from router.admission import AdmissionLimit, ConcurrencyLimitMiddleware
 from router.errors import APIError, bad_request, from_validation_error, http_status_error
-from router.metrics import RequestMetricsMiddleware
+from router.metrics import RequestMetricsMiddleware, record_migration, start_migration_series
+from router.migration import MigrationPolicy, migrating_outputs
 from router.openapi_schema import add_request_schemas, json_body
 from router.fields import REFUSED_CHAT_FIELDS, REFUSED_VLLM_FIELDS, check_field_values, refuse_known_fields
 from router.params import check_unsupported, to_sampling_params, truncate_prompt
@@ -83,6 +84,12 @@ class IngressConfig(BaseModel):
     )
     overload_retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After of that 503")
     generate_max_tokens: int = Field(default=128, ge=1, description="`/generate`'s default token count")
+    max_migrations: int = Field(
+        default=2, ge=0, description="times a request is resumed on another replica when its own is lost (0: never)"
+    )
+    migration_deadline_s: float = Field(
+        default=120.0, gt=0, description="no migration after this many seconds of a request, nor a wait past it"
+    )
     tool_call_parser: ToolParserName | None = Field(
         default=None, description="how this model writes tool calls (for tool_choice auto); None: auto is refused"
     )
@@ -166,6 +173,8 @@ class OpenAIIngress:
         self.replica_streams = replica.options(stream=True)  # generate
         self._model_info: ModelInfo | None = None
         self._model_info_lock = asyncio.Lock()
+        self.migration = MigrationPolicy(self.config.max_migrations, self.config.migration_deadline_s)
+        start_migration_series()
         self.model_id = self.config.model_id()
         logger.info("ingress ready: model %s, API key %s", self.model_id, "required" if api_key else "off")
 
@@ -342,14 +351,19 @@ class OpenAIIngress:
     def _generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0
     ) -> AsyncIterator[Any]:
+        """The request's output deltas; resumed on another replica if its own is lost (router/migration.py)."""
         info = self._model_info
         hashes = prefix_block_hashes(prompt_ids, info.block_size, MAX_ROUTED_BLOCKS) if info else []
-        with own_request_id():
-            response = self.replica_streams.generate.remote(
-                request_id=request_id, prompt_token_ids=prompt_ids, params=params, prefix_hashes=hashes,
-                priority=priority,
-            )  # fmt: skip
-        return replica_outputs(response)
+
+        def call(call_id: str, call_params: SamplingParams, resume: ResumeState | None) -> AsyncIterator[Any]:
+            with own_request_id():
+                response = self.replica_streams.generate.remote(
+                    request_id=call_id, prompt_token_ids=prompt_ids, params=call_params, prefix_hashes=hashes,
+                    priority=priority, resume=resume,
+                )  # fmt: skip
+            return replica_outputs(response)
+
+        return migrating_outputs(request_id, params, call, self.migration, record_migration)
 
     def _token_text(self, as_token_ids: bool) -> Callable[[int], str]:
         """How logprobs name a token: its text, or vLLM's `token_id:N` (`return_tokens_as_token_ids`), which

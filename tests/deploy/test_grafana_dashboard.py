@@ -70,6 +70,7 @@ def test_rates_use_grafanas_rate_interval(dashboard: dict) -> None:
         (("per replica",), "ray_paged_serve_generation_tokens_total"),
         (("router decisions",), "ray_paged_serve_router_routing_decisions_total"),
         (("error rate",), "ray_paged_serve_router_requests_total"),
+        (("migrations",), "ray_paged_serve_router_migrations_total"),
     ],
 )
 def test_dashboard_has_each_panel_operators_asked_for(dashboard: dict, title_words: tuple, metric: str) -> None:

@@ -1,0 +1,163 @@
+"""Request migration: when the replica serving a request is lost mid-request, resume it on another.
+
+The ingress remembers what its client was sent of each request (`Delivered`); when the replica call fails because
+the replica died, became unreachable, or its engine loop died, the request is sent again with that output as a
+`ResumeState` (replicas/contract.py): the new replica takes it as output already produced, so the client's stream
+goes on with the next token — no token repeated or missing, text continuing mid-character or mid-stop-string, the
+seeded random stream and penalties at the same position. At most `max_migrations` per request, and only within its
+deadline; then the client gets the error it would have got without migration (503, or an SSE error event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
+
+from replicas.contract import EngineUnavailableError, RequestOutput, ResumeState
+from replicas.sampling_params import SamplingParams
+from router.errors import APIError
+
+logger = logging.getLogger(__name__)
+
+# Opens one replica call: (request id, params, resume state or None) -> its output deltas.
+StartCall = Callable[[str, SamplingParams, ResumeState | None], AsyncIterator[RequestOutput]]
+
+
+@dataclass(frozen=True)
+class MigrationPolicy:
+    """How far the ingress goes to save a request whose replica was lost."""
+
+    max_migrations: int = 2
+    deadline_s: float = 120.0  # from the request's first call: no migration starts later, none waits past it
+    # NOTE: a pause before resuming gives Serve's router time to drop the dead replica (it learns from the failure),
+    # so the retry does not land on it again and burn a migration.
+    backoff_s: float = 0.2
+
+
+def lost_replica_reason(error: BaseException) -> str | None:
+    """Why the replica serving a call was lost (the metric's `reason`), or None when `error` is not that.
+
+    The call's error reaches here as the `APIError` `router.streaming` made of it, caused by what Serve raised
+    (a `RayTaskError` carries the replica's own exception as `cause`)."""
+    cause = error.__cause__ if isinstance(error, APIError) else error
+    cause = getattr(cause, "cause", None) or cause
+    if isinstance(cause, ActorUnavailableError):
+        return "actor_unavailable"
+    if isinstance(cause, (ActorDiedError, RayActorError)):
+        return "actor_died"
+    if isinstance(cause, EngineUnavailableError):
+        return "engine_dead"
+    if isinstance(cause, DeploymentUnavailableError):
+        return "no_replica"
+    return None
+
+
+@dataclass
+class Delivered:
+    """What a request's client has been sent so far, per completion index: enough to resume it elsewhere."""
+
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    num_chars: dict[int, int] = field(default_factory=dict)
+    cumulative_logprob: dict[int, float] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
+    num_outputs: int = 0
+    # Added to the cumulative logprob the resumed replica reports (it counts from the cut).
+    logprob_base: dict[int, float] = field(default_factory=dict)
+
+    def record(self, output: RequestOutput) -> RequestOutput:
+        """Note an output about to be sent, after making a resumed replica's output read as one stream's: the
+        prompt (and its logprobs) once, cumulative logprobs from the start."""
+        if self.num_outputs:
+            output.prompt_token_ids, output.prompt_logprobs = [], None
+        self.num_outputs += 1
+        for completion in output.outputs:
+            index = completion.index
+            self.token_ids.setdefault(index, []).extend(completion.token_ids)
+            self.num_chars[index] = self.num_chars.get(index, 0) + len(completion.text)
+            if completion.cumulative_logprob is not None:
+                completion.cumulative_logprob += self.logprob_base.get(index, 0.0)
+                self.cumulative_logprob[index] = completion.cumulative_logprob
+            if completion.finish_reason is not None:
+                self.finished.add(index)
+        return output
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(token_ids) for token_ids in self.token_ids.values())
+
+    def resume(self, params: SamplingParams) -> tuple[SamplingParams, ResumeState | None] | None:
+        """The params and resume state of the next call, or None when the request cannot be resumed.
+
+        NOTE: `n > 1` / `best_of` are restarted whole when nothing was sent yet and not resumed otherwise (the
+        engine forks samples after a fresh prompt's prefill only); a request with nothing sent is simply sent again.
+        """
+        if self.num_tokens == 0:
+            if self.num_outputs and params.prompt_logprobs is not None:
+                params = params.model_copy(update={"prompt_logprobs": None})  # already sent
+            return params, None
+        if params.num_samples > 1:
+            return None
+        token_ids = self.token_ids[0]
+        if params.max_tokens is not None and len(token_ids) >= params.max_tokens:
+            return None  # nothing left to generate: the replica died before saying so
+        self.logprob_base = dict(self.cumulative_logprob)
+        # NOTE: the same max_tokens and min_tokens: the engine counts the resumed tokens as output against them.
+        params = params.model_copy(update={"prompt_logprobs": None})
+        return params, ResumeState(list(token_ids), self.num_chars.get(0, 0))
+
+
+async def migrating_outputs(
+    request_id: str, params: SamplingParams, start: StartCall, policy: MigrationPolicy,
+    on_migration: Callable[[str], None] = lambda reason: None,
+) -> AsyncIterator[RequestOutput]:  # fmt: skip
+    """The output deltas of a request, resumed on another replica (at most `policy.max_migrations` times, within
+    `policy.deadline_s`) when the one serving it is lost. `on_migration(reason)` counts each; `gave_up` when the
+    request's error is passed on instead."""
+    delivered = Delivered()
+    deadline = time.monotonic() + policy.deadline_s
+    call_id, call_params, resume = request_id, params, None
+    lost: APIError | None = None  # the error of the last lost call: what the client gets if resuming fails
+    for migration in range(policy.max_migrations + 1):
+        stream = start(call_id, call_params, resume)
+        try:
+            if lost is not None:
+                yield delivered.record(await _first_within(stream, deadline, lost, on_migration))
+            async for output in stream:
+                yield delivered.record(output)
+            return
+        except APIError as error:
+            reason = lost_replica_reason(error)
+            if reason is None or error is lost:
+                raise
+            lost = error
+            plan = delivered.resume(params)
+            if plan is None or migration == policy.max_migrations or time.monotonic() + policy.backoff_s > deadline:
+                on_migration("gave_up")
+                logger.warning("request %s lost its replica (%s); not resumed", request_id, reason)
+                raise
+            on_migration(reason)
+            call_params, resume = plan
+            call_id = f"{request_id}-m{migration + 1}"
+            logger.warning("request %s lost its replica (%s) after %d tokens; resuming it as %s", request_id, reason,
+                           delivered.num_tokens, call_id)  # fmt: skip
+            await asyncio.sleep(policy.backoff_s)
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _first_within(
+    stream: AsyncIterator[RequestOutput], deadline: float, lost: APIError, on_migration: Callable[[str], None]
+) -> RequestOutput:
+    """A resumed call's first output, or `lost` re-raised at the deadline. NOTE: with every replica gone, Serve
+    holds a call until one is back, which may be never: the client gets its error instead of a hang."""
+    try:
+        return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
+    except (asyncio.TimeoutError, StopAsyncIteration):
+        on_migration("gave_up")
+        raise lost from lost.__cause__  # the same error the lost call ended with
