@@ -112,7 +112,6 @@ def test_losing_a_worker_under_load(local_cluster: LocalCluster, cluster_apps: C
     victim_id = next(node_id for node_id in set(replica_nodes("spread").values()) if node_id not in ingress_nodes)
     survivor_id = next(node_id for node_id in local_cluster.worker_nodes() if node_id != victim_id)
     num_streams = 8  # max_num_seqs (4) per replica: once all have started, four run on each worker
-    removed_at: list[float] = []
 
     async def load_then_remove_victim() -> list[dict]:
         started = asyncio.Event()
@@ -124,20 +123,15 @@ def test_losing_a_worker_under_load(local_cluster: LocalCluster, cluster_apps: C
             # NOTE: not graceful: the raylet and its workers are killed, as when a machine dies.
             victim = local_cluster.worker_nodes()[victim_id]
             await asyncio.to_thread(local_cluster.cluster.remove_node, victim, False)
-            removed_at.append(time.monotonic())
             return await asyncio.gather(*streams)
 
     outcomes = run(load_then_remove_victim())
-    # The requests on the lost node end with a clear error, the others finish; none hangs (bounded client).
+    # The streams on the lost node resume on the surviving replica (router/migration.py): every stream finishes,
+    # none ends with an error event, none hangs (bounded client).
     failed = [outcome for outcome in outcomes if "error" in outcome]
-    finished = [outcome for outcome in outcomes if "error" not in outcome]
-    error_delays = [round(outcome["ended_at"] - removed_at[0], 1) for outcome in failed]
-    print(f"node loss: {len(failed)} streams failed {error_delays} s after the kill; {finished}")
-    assert failed and finished, outcomes
-    assert all(outcome.get("finish_reason") == "length" for outcome in finished), outcomes
-    for outcome in failed:
-        assert outcome["error"]["code"] == "engine_unavailable", outcome
-        assert "no engine replica is available" in outcome["error"]["message"], outcome
+    print(f"node loss: {len(outcomes) - len(failed)} of {len(outcomes)} streams finished; {outcomes}")
+    assert not failed, outcomes
+    assert all(outcome.get("finish_reason") == "length" for outcome in outcomes), outcomes
 
     # The service keeps answering, and the lost replica comes back on the remaining worker.
     wait_until(lambda: run(wave(cluster_apps.spread, 5000, size=1)) == [200], timeout_s=60, interval_s=1)
