@@ -14,6 +14,11 @@ GQA_GROUPS = (1, 2, 3, 4, 8)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def backend_device(name: str) -> torch.device:
+    """Where a backend's tensors live in these tests: the fused CPU kernel's on CPU whatever DEVICE is."""
+    return torch.device("cpu") if name == "cpu_fused" else DEVICE
+
+
 @dataclass(frozen=True)
 class BatchSpec:
     """A step's shape: `seqs` holds each sequence's (seq_len, q_len); its new tokens are its last q_len positions."""

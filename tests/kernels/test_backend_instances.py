@@ -11,7 +11,7 @@ import torch
 import kernels
 from kernels import torch_backend
 
-from .paged_batches import DEVICE, BatchSpec, PagedBatch, make_batch
+from .paged_batches import DEVICE, BatchSpec, PagedBatch, backend_device, make_batch
 
 NUM_LAYERS = 3
 
@@ -37,9 +37,10 @@ class EngineStep:
         )
 
 
-def make_step(seqs: tuple[tuple[int, int], ...], seed: int, **spec_fields: object) -> EngineStep:
+def make_step(seqs: tuple[tuple[int, int], ...], seed: int, device: torch.device = DEVICE,
+              **spec_fields: object) -> EngineStep:  # fmt: skip
     """Layers differ in their Q/K/V (fresh noise on the first layer's), not in the step's shape or block tables."""
-    first = make_batch(BatchSpec(seqs, seed=seed, **spec_fields), device=DEVICE)
+    first = make_batch(BatchSpec(seqs, seed=seed, **spec_fields), device=device)
     generator = torch.Generator().manual_seed(seed)
 
     def noise(tensor: torch.Tensor) -> torch.Tensor:
@@ -65,9 +66,9 @@ ENGINE_B_STEPS = [((20, 20), (48, 1), (9, 3)), ((21, 1), (49, 1), (10, 1))]
 ENGINE_B_SHAPE = {"num_kv_heads": 1, "group": 4, "head_dim": 80, "block_size": 8, "sliding_window": 16}
 
 
-def make_engine_steps() -> tuple[list[EngineStep], list[EngineStep]]:
-    steps_a = [make_step(seqs, seed=10 + i) for i, seqs in enumerate(ENGINE_A_STEPS)]
-    steps_b = [make_step(seqs, seed=20 + i, **ENGINE_B_SHAPE) for i, seqs in enumerate(ENGINE_B_STEPS)]
+def make_engine_steps(device: torch.device = DEVICE) -> tuple[list[EngineStep], list[EngineStep]]:
+    steps_a = [make_step(seqs, seed=10 + i, device=device) for i, seqs in enumerate(ENGINE_A_STEPS)]
+    steps_b = [make_step(seqs, seed=20 + i, device=device, **ENGINE_B_SHAPE) for i, seqs in enumerate(ENGINE_B_STEPS)]
     return steps_a, steps_b
 
 
@@ -80,24 +81,24 @@ def backend_name(request: pytest.FixtureRequest) -> str:
     if request.param == "triton":
         request.getfixturevalue("triton_backend")  # fails clearly if the kernels cannot run here
     if request.param == "cpu_fused":
-        if DEVICE.type != "cpu":
-            pytest.skip("cpu_fused runs on CPU tensors")
         request.getfixturevalue("cpu_fused_backend")  # builds the extension if `make setup` has not
     return request.param
 
 
 def test_load_backend_returns_a_new_instance_each_time(backend_name: str) -> None:
-    first, second = kernels.load_backend(backend_name, DEVICE), kernels.load_backend(backend_name, DEVICE)
+    device = backend_device(backend_name)
+    first, second = kernels.load_backend(backend_name, device), kernels.load_backend(backend_name, device)
     assert first is not second
     assert first.name == second.name == backend_name
 
 
 def test_interleaved_layers_of_two_engines_give_each_its_results_alone(backend_name: str) -> None:
-    steps_a, steps_b = make_engine_steps()
-    alone_a = run_alone(kernels.load_backend(backend_name, DEVICE), steps_a)
-    alone_b = run_alone(kernels.load_backend(backend_name, DEVICE), steps_b)
+    device = backend_device(backend_name)
+    steps_a, steps_b = make_engine_steps(device)
+    alone_a = run_alone(kernels.load_backend(backend_name, device), steps_a)
+    alone_b = run_alone(kernels.load_backend(backend_name, device), steps_b)
 
-    backend_a, backend_b = kernels.load_backend(backend_name, DEVICE), kernels.load_backend(backend_name, DEVICE)
+    backend_a, backend_b = kernels.load_backend(backend_name, device), kernels.load_backend(backend_name, device)
     for step_a, step_b, expected_a, expected_b in zip(steps_a, steps_b, alone_a, alone_b):
         for layer in range(NUM_LAYERS):
             torch.testing.assert_close(backend_a.paged_attention(*step_a.layer_args(layer)), expected_a[layer])
@@ -129,15 +130,14 @@ def test_two_engines_stepping_in_parallel_threads_give_each_its_results_alone(
 ) -> None:
     """Engines in one process step on their own threads; a shared gather workspace would mix their K/V."""
     if parallel_backend == "cpu_fused":
-        if DEVICE.type != "cpu":
-            pytest.skip("cpu_fused runs on CPU tensors")
         request.getfixturevalue("cpu_fused_backend")
-    steps_a, steps_b = make_engine_steps()
-    alone = [run_alone(kernels.load_backend(parallel_backend, DEVICE), steps) for steps in (steps_a, steps_b)]
+    device = backend_device(parallel_backend)
+    steps_a, steps_b = make_engine_steps(device)
+    alone = [run_alone(kernels.load_backend(parallel_backend, device), steps) for steps in (steps_a, steps_b)]
     mismatches: list[str] = []
 
     def step_repeatedly(name: str, steps: list[EngineStep], expected: list[list[torch.Tensor]]) -> None:
-        backend = kernels.load_backend(parallel_backend, DEVICE)
+        backend = kernels.load_backend(parallel_backend, device)
         for _ in range(150):
             for step, expected_step in zip(steps, expected):
                 for layer in range(NUM_LAYERS):
