@@ -40,7 +40,7 @@ def free_port() -> int:
 def server_env() -> dict[str, str]:
     from deploy import serve_local
 
-    env = {**getattr(serve_local, "LOCAL_RAY_ENV", {}), **os.environ}  # Ray as `make serve` starts it
+    env = {**serve_local.LOCAL_RAY_ENV, **os.environ}  # Ray as `make serve` starts it
     env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled",
                 "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
                 # Ray runs its workers at nice 15 by default; the baselines and the load generator run at 0, so on
