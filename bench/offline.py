@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from replicas import LLM, LLMEngine, SamplingParams
 from replicas.default_model import DEFAULT_MODEL_DIR
+from replicas.models.packed_linear import PackedLinear
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -58,7 +60,7 @@ def measure_gemm_peak(size: int = 2048, repeats: int = 5) -> float:
 
 def flops_per_token(model: torch.nn.Module, hf_config: object, context_len: float) -> float:
     """Matmul FLOPs of one token: 2 x weights in linear layers (lm_head included) + attention over the context."""
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (nn.Linear, PackedLinear)))
     if getattr(model, "lm_head", None) is None:
         linear += model.embed_tokens.weight.numel()
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -213,6 +215,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=300, help="--profile: prompt tokens per sequence")
     parser.add_argument("--steps", type=int, default=8, help="--profile: timed decode steps per backend")
     parser.add_argument("--backends", default="torch,cpu_fused", help="--profile: comma-separated backends")
+    parser.add_argument("--prepack-ab", action="store_true",
+                        help="also run the mixed workload on plain (unpacked) Linear weights and print the ratio")
     parser.add_argument("--kv-cache-dtype", default=None, choices=["bfloat16", "float16"],
                         help="also run the workload with this 16-bit KV cache: throughput and greedy agreement")
     args = parser.parse_args()
@@ -249,6 +253,19 @@ def main() -> None:
     print(f"engine on the mixed workload: {engine_tok_s:.1f} tok/s, {flops / elapsed / 1e9:.1f} GFLOP/s = "
           f"{flops / elapsed / peak:.0%} of the measured fp32 GEMM peak ({peak / 1e9:.1f} GFLOP/s; 2 x parameters "
           f"per computed prompt and output token + attention)")  # fmt: skip
+    if args.prepack_ab:
+        plain_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
+                        kv_cache_memory_bytes=3 * 1024**3, prepack_weights=False)  # fmt: skip
+        plain_outputs: list[list[int]] = []
+        plain_tokens, plain_elapsed, _ = run_engine(plain_llm, workload, plain_outputs)
+        agreement = greedy_agreement(reference, plain_outputs)
+        results["engine_plain_weights"] = {"tok_s": plain_tokens / plain_elapsed,
+                                           "fraction_of_gemm_peak": flops / plain_elapsed / peak, **agreement}  # fmt: skip
+        print(f"plain (unpacked) weights: {plain_tokens / plain_elapsed:.1f} tok/s = "
+              f"{flops / plain_elapsed / peak:.0%} of the GEMM peak; packed {engine_tok_s:.1f} tok/s = "
+              f"{engine_tok_s / (plain_tokens / plain_elapsed):.2f}x; {agreement['identical_outputs']:.1%} of "
+              f"outputs identical")  # fmt: skip
+        del plain_llm
     if args.kv_cache_dtype:
         kv_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
                      kv_cache_memory_bytes=3 * 1024**3, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip

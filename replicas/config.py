@@ -56,6 +56,11 @@ class EngineConfig(BaseModel):
         description="`contiguous` reserves max_model_len slots per sequence at admission (the traditional scheme; "
         "for benchmarks that isolate the gain of paging)",
     )
+    prepack_weights: bool = Field(
+        default=True,
+        description="CPU, float32: Linear weights reordered once at load into oneDNN's blocked layout (faster "
+        "skinny GEMMs than MKL on the plain layout); false: plain weights",
+    )
     seed: int = 0
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; default: the CPUs given")
     max_stop_strings: int = Field(default=16, ge=0)

@@ -13,6 +13,7 @@ from replicas.config import EngineConfig, EngineConfigError
 from replicas.input_batch import InputBatch, PromptLogitsSpan, StepInputs
 from replicas.models import load_model
 from replicas.models.layers import AttentionMetadata
+from replicas.models.packed_linear import can_prepack, prepack_linears
 from replicas.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class ModelRunner:
                 f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {max_position}"
             )
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, max(self.max_model_len, 1))
+        if config.prepack_weights and can_prepack(self.device, self.dtype):
+            prepack_linears(self.model)
         self.backend = kernels.load_backend(config.attention_backend, self.device)
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else _DTYPES[config.kv_cache_dtype]
         if self.kv_dtype != self.dtype and self.backend.name != "cpu_fused":

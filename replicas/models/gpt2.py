@@ -105,9 +105,13 @@ class GPT2LMHeadModel(nn.Module):
             hidden = block(hidden, metadata)
         return self.ln_f(hidden)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is not None:  # untied, or packed (replicas/models/packed_linear.py)
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.wte.weight)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [block.attn.attn for block in self.h]

@@ -117,9 +117,13 @@ class LlamaForCausalLM(nn.Module):
             hidden = layer(positions, hidden, metadata)
         return self.norm(hidden)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is not None:  # untied, or packed (replicas/models/packed_linear.py)
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed_tokens.weight)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [layer.self_attn.attn for layer in self.layers]

@@ -1,0 +1,55 @@
+"""CPU Linear layers with weights reordered once into oneDNN's blocked layout.
+
+MKL multiplies the plain `[out, in]` weight and splits skinny GEMMs (decode steps: M <= 64 rows) poorly over
+threads; oneDNN's `_linear_pointwise` on a weight packed once at load runs them faster on the same cores
+(measured by `python -m bench.offline --prepack-ab`). It is the packing Inductor's freezing does, without a compile.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# The row count oneDNN is told to expect when choosing the blocked layout: a decode batch.
+PACK_BATCH_HINT = 64
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN packing applies to CPU fp32 weights (bf16 only where the CPU has bf16 instructions: not decided yet)."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class PackedLinear(nn.Module):
+    """`y = x @ W.T + b` with `W` held in oneDNN's layout (the plain weight is dropped: no second copy)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Replace every `nn.Linear` of `model` by a `PackedLinear`; a tied output projection gets its own packed copy
+    of the embedding (the lookup keeps the plain one). Returns how many were packed."""
+    packed = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, PackedLinear(child.weight, child.bias))
+                packed += 1
+    if getattr(model, "lm_head", False) is None:  # tied to the input embedding
+        model.lm_head = PackedLinear(model.get_input_embeddings().weight, None)
+        packed += 1
+    logger.info("prepacked %d Linear weights into oneDNN's blocked layout", packed)
+    return packed
