@@ -1,7 +1,8 @@
 """An `LLMReplica` for fault tests: its engine fails any step that computes a request whose prompt starts with
 `POISON_PROMPT`, as a bug or a bad kernel input would; a request whose prompt starts with `DYING_PROMPT` gets
 `DYING_AFTER_OUTPUTS` deltas and then the error of a dead engine loop, as if its replica died under it (on every
-replica, so migration never saves it). Otherwise it is the production replica, unchanged.
+replica, so migration never saves it). While `refuse_start_flag(app)` exists, the app's replicas fail to start, so
+Serve cannot replace one that died (every replica gone). Otherwise it is the production replica, unchanged.
 
 Imported by Ray workers by module path (the test cluster's PYTHONPATH is the repository root).
 """
@@ -9,6 +10,7 @@ Imported by Ray workers by module path (the test cluster's PYTHONPATH is the rep
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from replicas.contract import EngineUnavailableError, RequestOutput
@@ -29,8 +31,20 @@ def dying_calls_in_process(_actor: Any = None) -> int:
     return _DYING_CALLS[0]
 
 
+def refuse_start_flag(app_name: str) -> Path:
+    """A file in the Ray session's directory (shared by the driver and the replicas of one cluster, on one machine):
+    while it exists, `app_name`'s fault-injecting replicas refuse to start."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_session_dir_path()) / f"refuse-start-{app_name}"
+
+
 class _FaultInjectingReplica(LLMReplica.func_or_class):  # type: ignore[misc, name-defined]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from ray import serve
+
+        if refuse_start_flag(serve.get_replica_context().app_name).exists():
+            raise RuntimeError("injected fault: this replica refuses to start")
         super().__init__(*args, **kwargs)
         runner = self.engine.engine.model_runner
         execute = runner.execute
