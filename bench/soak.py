@@ -49,6 +49,8 @@ import httpx
 import psutil
 from pydantic import BaseModel, Field
 
+from bench.servers import wait_until
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WORDS = ("the river city light north stone garden winter music paper engine market forest signal harbor "
          "silver orange window travel simple").split()  # fmt: skip
@@ -152,7 +154,8 @@ class Clients:
             self._error_status(response.status_code, response.text)
             return
         choices = response.json().get("choices", [])
-        if sorted(c["index"] for c in choices) != list(range(body["n"])) or not all(c["finish_reason"] for c in choices):
+        complete = all(c["finish_reason"] for c in choices)
+        if sorted(c["index"] for c in choices) != list(range(body["n"])) or not complete:
             self.tally.fail("incomplete_body", response.text)
             return
         self.tally.outcomes["ok"] += 1
@@ -400,7 +403,7 @@ def run_soak(url: str, app: str, metrics_url: str, config: SoakConfig, expected_
     load_s = replicas.now_s()
     log(f"t={load_s:7.1f}s load stopped; draining")
     # Cancelled requests are aborted asynchronously; a replica killed near the end may still be starting.
-    final = _poll(replicas.drained, config.drain_timeout_s, "the replicas to drain")
+    final = wait_until(replicas.drained, config.drain_timeout_s, "the replicas to drain")
     leaked = {name: s["num_total_blocks"] - s["num_free_blocks"] for name, s in final.items()}
     tally = clients.tally
 
@@ -410,7 +413,7 @@ def run_soak(url: str, app: str, metrics_url: str, config: SoakConfig, expected_
         return (server, migrations, mismatch) if mismatch is None else None
 
     try:
-        server, migrations, mismatch = _poll(consistent, config.metrics_timeout_s, "the counters to match")
+        server, migrations, mismatch = wait_until(consistent, config.metrics_timeout_s, "the counters to match")
     except TimeoutError:
         server, migrations = scrape_counters(metrics_url, app)
         mismatch = metrics_mismatch(tally.answered, server, tally.unanswered)
@@ -452,17 +455,6 @@ def run_soak(url: str, app: str, metrics_url: str, config: SoakConfig, expected_
         "passed": all(c.passed is not False for c in criteria),
         "samples": samples,
     }
-
-
-def _poll(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
-        time.sleep(1.0)
 
 
 def markdown(result: dict[str, Any]) -> str:

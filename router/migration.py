@@ -205,12 +205,12 @@ class _Calls:
         migrations: int,
     ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """The resumed choices' deltas as the request's: each under its own index, finished when all are."""
-        streams = [
-            _as_choice(plan.index, self.outputs(f"{request_id}-c{plan.index}", plan.params, delivered.choice(plan.index),
-                                                f"{request_id}-c{plan.index}-m{migrations}", plan.resume, lost,
-                                                migrations))
-            for plan in plans
-        ]  # fmt: skip
+        streams = []
+        for plan in plans:
+            choice_id = f"{request_id}-c{plan.index}"
+            outputs = self.outputs(choice_id, plan.params, delivered.choice(plan.index), f"{choice_id}-m{migrations}",
+                                   plan.resume, lost, migrations)  # fmt: skip
+            streams.append(_as_choice(plan.index, outputs))
         unfinished = {plan.index for plan in plans}
         async for _, output in merge(streams):  # type: ignore[arg-type]
             if output.finished:

@@ -1,8 +1,9 @@
 """An `LLMReplica` for fault tests: its engine fails any step that computes a request whose prompt starts with
 `POISON_PROMPT`, as a bug or a bad kernel input would; a request whose prompt starts with `DYING_PROMPT` gets
 `DYING_AFTER_OUTPUTS` deltas and then the error of a dead engine loop, as if its replica died under it (on every
-replica, so migration never saves it); `DYING_ONCE_PROMPT` the same on a request's first call only. While `refuse_start_flag(app)` exists, the app's replicas fail to start, so
-Serve cannot replace one that died (every replica gone). Otherwise it is the production replica, unchanged.
+replica, so migration never saves it); `DYING_ONCE_PROMPT` the same on a request's first call only. While
+`refuse_start_flag(app)` exists, the app's replicas fail to start, so Serve cannot replace one that died (every
+replica gone). Otherwise it is the production replica, unchanged.
 
 Imported by Ray workers by module path (the test cluster's PYTHONPATH is the repository root).
 """

