@@ -36,7 +36,10 @@ class MigrationPolicy:
     """How far the ingress goes to save a request whose replica was lost."""
 
     max_migrations: int = 2
-    deadline_s: float = 120.0  # from the request's first call: no migration starts later, none waits past it
+    # No migration starts later than this after the request's first call, and a resumed call that produces nothing
+    # this long after its loss ends (every replica gone). NOTE: from the loss, not the request's start: right after a
+    # kill the survivor queues the migrated requests behind its own, and an old request must not be failed for it.
+    deadline_s: float = 120.0
     # NOTE: a pause before resuming gives Serve's router time to drop the dead replica (it learns from the failure),
     # so the retry does not land on it again and burn a migration.
     backoff_s: float = 0.2
@@ -161,16 +164,17 @@ class _Calls:
 
     async def outputs(
         self, request_id: str, params: SamplingParams, delivered: Delivered, call_id: str,
-        resume: ResumeState | None, lost: APIError | None, migrations: int,
+        resume: ResumeState | None, lost: APIError | None, migrations: int, wait_until: float = 0.0,
     ) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        """`params`' deltas from `call_id` on (resumed from `resume` after `lost`, if given), migrated when lost.
-        `migrations`: how many the request already used (a resumed choice counts its request's)."""
+        """`params`' deltas from `call_id` on (resumed from `resume` after `lost`, if given: its first output due by
+        `wait_until`), migrated when lost. `migrations`: how many the request already used (a resumed choice counts
+        its request's)."""
         call_params = params
         while True:
             stream = self.start(call_id, call_params, resume)
             try:
                 if lost is not None:
-                    yield delivered.record(await _first_within(stream, self.deadline, lost, self.on_migration))
+                    yield delivered.record(await _first_within(stream, wait_until, lost, self.on_migration))
                 async for output in stream:
                     yield delivered.record(output)
                 return
@@ -178,7 +182,7 @@ class _Calls:
                 reason = lost_replica_reason(error)
                 if reason is None or error is lost:
                     raise
-                lost = error
+                lost, wait_until = error, time.monotonic() + self.policy.deadline_s
                 plans = delivered.resume(params)
                 if (plans is None or migrations == self.policy.max_migrations
                         or time.monotonic() + self.policy.backoff_s > self.deadline):  # fmt: skip
@@ -197,19 +201,19 @@ class _Calls:
             finally:
                 await stream.aclose()  # type: ignore[attr-defined]
             break  # an n > 1 request cut after tokens went out: its choices go on one call each
-        async for output in self._choices(request_id, params.n, plans, delivered, lost, migrations):
+        async for output in self._choices(request_id, plans, delivered, lost, migrations, wait_until):
             yield delivered.record(output)
 
     async def _choices(
-        self, request_id: str, n: int, plans: list[Resumption], delivered: Delivered, lost: APIError,
-        migrations: int,
+        self, request_id: str, plans: list[Resumption], delivered: Delivered, lost: APIError, migrations: int,
+        wait_until: float,
     ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """The resumed choices' deltas as the request's: each under its own index, finished when all are."""
         streams = []
         for plan in plans:
             choice_id = f"{request_id}-c{plan.index}"
             outputs = self.outputs(choice_id, plan.params, delivered.choice(plan.index), f"{choice_id}-m{migrations}",
-                                   plan.resume, lost, migrations)  # fmt: skip
+                                   plan.resume, lost, migrations, wait_until)  # fmt: skip
             streams.append(_as_choice(plan.index, outputs))
         unfinished = {plan.index for plan in plans}
         async for _, output in merge(streams):  # type: ignore[arg-type]
@@ -233,7 +237,7 @@ async def _as_choice(index: int, outputs: AsyncIterator[RequestOutput]) -> Async
 async def _first_within(
     stream: AsyncIterator[RequestOutput], deadline: float, lost: APIError, on_migration: Callable[[str], None]
 ) -> RequestOutput:
-    """A resumed call's first output, or `lost` re-raised at the deadline. NOTE: with every replica gone, Serve
+    """A resumed call's first output, or `lost` re-raised at `deadline`. NOTE: with every replica gone, Serve
     holds a call until one is back, which may be never: the client gets its error instead of a hang."""
     try:
         return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
