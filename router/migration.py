@@ -215,10 +215,10 @@ class _Calls:
             outputs = self.outputs(choice_id, plan.params, delivered.choice(plan.index), f"{choice_id}-m{migrations}",
                                    plan.resume, lost, migrations, wait_until)  # fmt: skip
             streams.append(_as_choice(plan.index, outputs))
-        unfinished = {plan.index for plan in plans}
-        async for _, output in merge(streams):  # type: ignore[arg-type]
+        unfinished = set(range(len(plans)))
+        async for position, output in merge(streams):  # type: ignore[arg-type]
             if output.finished:
-                unfinished.discard(output.outputs[0].index)
+                unfinished.discard(position)
             output.finished = not unfinished
             yield output
 
