@@ -65,6 +65,7 @@ class SoakConfig(BaseModel):
     users: int = Field(default=32, ge=1, description="closed-loop clients")
     warmup_minutes: float = Field(default=5.0, ge=0, description="RSS growth is measured after this")
     kill_every_min: float = Field(default=10.0, ge=0, description="0: no kills")
+    max_kills: int | None = Field(default=None, ge=0, description="None: every kill_every_min to the end")
     disconnect_fraction: float = Field(default=0.1, ge=0, le=1)
     long_prompt_fraction: float = Field(default=0.25, ge=0, le=1)
     long_prompt_words: tuple[int, int] = (200, 400)
@@ -388,7 +389,8 @@ def run_soak(url: str, app: str, metrics_url: str, config: SoakConfig, expected_
         next_kill = started + config.kill_every_min * 60 if config.kill_every_min else float("inf")
         while time.monotonic() < deadline:
             await asyncio.sleep(min(config.sample_s, max(0.0, deadline - time.monotonic())))
-            if time.monotonic() >= next_kill and time.monotonic() < deadline:
+            more = config.max_kills is None or len(replicas.kills) < config.max_kills
+            if more and next_kill <= time.monotonic() < deadline:
                 kill = await asyncio.to_thread(replicas.kill_busiest)
                 log(f"t={kill['t_s']:7.1f}s KILL {kill['replica']} (pid {kill['pid']}, {kill['num_running']} running)")
                 await asyncio.to_thread(replicas.wait_restarted, kill, config.restart_timeout_s)

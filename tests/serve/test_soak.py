@@ -42,14 +42,14 @@ def soak_app(serve_port: int, tiny_llama_dir: Path) -> Iterator[ServedApp]:
 
 @pytest.mark.slow
 def test_a_three_minute_soak_with_a_replica_killed_passes(soak_app: ServedApp, metrics_export_port: int) -> None:
-    config = SoakConfig(minutes=3, users=8, kill_every_min=1, warmup_minutes=0.5, sample_s=10, max_tokens=48,
-                        long_prompt_words=(150, 300), restart_timeout_s=240, drain_timeout_s=180,
+    config = SoakConfig(minutes=3, users=8, kill_every_min=1, max_kills=1, warmup_minutes=0.5, sample_s=10,
+                        max_tokens=48, long_prompt_words=(150, 300), restart_timeout_s=240, drain_timeout_s=180,
                         metrics_timeout_s=90)  # fmt: skip
     result = run_soak(soak_app.base_url, SOAK_APP, f"http://127.0.0.1:{metrics_export_port}/metrics", config)
     summary = json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1)
     verdicts = {c["name"]: c["verdict"] for c in result["criteria"]}
     assert result["outcomes"].get("ok", 0) > 0, summary
-    assert len(result["kills"]) >= 1 and all(k["restarted_after_s"] is not None for k in result["kills"]), summary
+    assert len(result["kills"]) == 1 and all(k["restarted_after_s"] is not None for k in result["kills"]), summary
     assert result["outcomes"].get("failed", 0) == 0, summary
     assert sum(result["leaked_blocks"].values()) == 0 and len(result["leaked_blocks"]) == 2, summary
     assert verdicts["metrics consistent with the client"] == "PASS", summary
