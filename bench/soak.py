@@ -491,6 +491,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=defaults.minutes)
     parser.add_argument("--users", type=int, default=defaults.users)
     parser.add_argument("--kill-every-min", type=float, default=defaults.kill_every_min)
+    parser.add_argument("--max-kills", type=int, default=None, help="at most this many kills (default: no limit)")
     parser.add_argument("--warmup-minutes", type=float, default=defaults.warmup_minutes)
     parser.add_argument("--disconnect-fraction", type=float, default=defaults.disconnect_fraction)
     parser.add_argument("--sample-s", type=float, default=defaults.sample_s)
@@ -499,8 +500,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "soak.json")
     args = parser.parse_args()
     config = SoakConfig(minutes=args.minutes, users=args.users, kill_every_min=args.kill_every_min,
-                        warmup_minutes=args.warmup_minutes, disconnect_fraction=args.disconnect_fraction,
-                        sample_s=args.sample_s, seed=args.seed)  # fmt: skip
+                        max_kills=args.max_kills, warmup_minutes=args.warmup_minutes,
+                        disconnect_fraction=args.disconnect_fraction, sample_s=args.sample_s, seed=args.seed)  # fmt: skip
 
     app = "soak"
     engine = {"kv_cache_memory_bytes": 256 * 2**20, "max_num_seqs": 16, "max_model_len": 1024, "num_threads": 1}
