@@ -179,6 +179,7 @@ class ServeCluster:
         self.num_cpus = num_cpus  # logical: placement only; each replica's torch threads are set in its engine
         self.gcs_port = free_port()
         self.http_port = free_port()
+        self.metrics_port = free_port()  # Ray's Prometheus export (bench/soak.py reads the ingress's counters)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))
         self.head: subprocess.Popen | None = None
         self.serve: subprocess.Popen | None = None
@@ -192,13 +193,18 @@ class ServeCluster:
     def url(self, variant: str) -> str:
         return f"http://127.0.0.1:{self.http_port}/{variant}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def start(self, timeout_s: float = 600.0) -> None:
         head_log = self.log_dir / "ray_head.log"
         with head_log.open("w") as out:
             self.head = subprocess.Popen(
                 [str(RAY_BIN), "start", "--head", "--block", f"--port={self.gcs_port}",
                  f"--num-cpus={self.num_cpus}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
-                 f"--dashboard-agent-listen-port={free_port()}", "--object-store-memory=200000000",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={self.metrics_port}",
+                 "--node-ip-address=127.0.0.1", "--object-store-memory=200000000",
                  "--disable-usage-stats"],
                 cwd=REPO_ROOT, env=server_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip

@@ -73,10 +73,13 @@ class ResumeState:
     The engine takes `output_token_ids` as *output* (after the prompt), so sampling continues as if uninterrupted:
     seeded streams at the same position, penalties, `min_tokens` / `max_tokens` and the grammar over all of them.
     `num_text_chars`: characters of their text already delivered; the rest (held back as a possible stop-string
-    prefix) is the new replica's to send, so a stop string across the cut is still found."""
+    prefix) is the new replica's to send, so a stop string across the cut is still found. `sample_index`: which
+    sample of an `n > 1` request this continues (each is resumed as its own one-sample request): its seeded random
+    stream is that sample's, so a seeded choice goes on as it would have."""
 
     output_token_ids: list[int]
     num_text_chars: int
+    sample_index: int = 0
 
 
 # --- records the replica reports ----------------------------------------------------------------------------------

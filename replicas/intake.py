@@ -92,7 +92,7 @@ class RequestIntake:
             token_ids=list(prompt_token_ids) + resumed,
             num_prompt_tokens=len(prompt_token_ids),
             params=params,
-            rng_key=self.rng_key(params, 0),
+            rng_key=self.rng_key(params, resume.sample_index if resume is not None else 0),
             arrival_time=request.arrival_time,
             priority=priority,
         )

@@ -88,7 +88,8 @@ class IngressConfig(BaseModel):
         default=2, ge=0, description="times a request is resumed on another replica when its own is lost (0: never)"
     )
     migration_deadline_s: float = Field(
-        default=120.0, gt=0, description="no migration after this many seconds of a request, nor a wait past it"
+        default=120.0, gt=0,
+        description="no migration after this many seconds of a request; a resumed call waits this long at most",
     )
     tool_call_parser: ToolParserName | None = Field(
         default=None, description="how this model writes tool calls (for tool_choice auto); None: auto is refused"

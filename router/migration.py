@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError
@@ -22,6 +23,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from replicas.contract import EngineUnavailableError, RequestOutput, ResumeState
 from replicas.sampling_params import SamplingParams
 from router.errors import APIError
+from router.streaming import merge
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,10 @@ class MigrationPolicy:
     """How far the ingress goes to save a request whose replica was lost."""
 
     max_migrations: int = 2
-    deadline_s: float = 120.0  # from the request's first call: no migration starts later, none waits past it
+    # No migration starts later than this after the request's first call, and a resumed call that produces nothing
+    # this long after its loss ends (every replica gone). NOTE: from the loss, not the request's start: right after a
+    # kill the survivor queues the migrated requests behind its own, and an old request must not be failed for it.
+    deadline_s: float = 120.0
     # NOTE: a pause before resuming gives Serve's router time to drop the dead replica (it learns from the failure),
     # so the retry does not land on it again and burn a migration.
     backoff_s: float = 0.2
@@ -91,25 +96,49 @@ class Delivered:
     def num_tokens(self) -> int:
         return sum(len(token_ids) for token_ids in self.token_ids.values())
 
-    def resume(self, params: SamplingParams) -> tuple[SamplingParams, ResumeState | None] | None:
-        """The params and resume state of the next call, or None when the request cannot be resumed.
+    def resume(self, params: SamplingParams) -> list[Resumption] | None:
+        """The next calls: one for the whole request, or one per unfinished choice of an `n > 1` request that already
+        has tokens out; None when the request cannot be resumed.
 
-        NOTE: `n > 1` / `best_of` are restarted whole when nothing was sent yet and not resumed otherwise (the
-        engine forks samples after a fresh prompt's prefill only); a request with nothing sent is simply sent again.
-        """
+        NOTE: the engine forks samples after a fresh prompt's prefill only, so a cut `n > 1` request goes on as one
+        one-sample call per choice (`ResumeState.sample_index` keeps each seeded stream); with nothing sent yet it is
+        simply sent again, whole. `best_of > n` reports only at the end, so it has never sent tokens when cut."""
         if self.num_tokens == 0:
             if self.num_outputs and params.prompt_logprobs is not None:
                 params = params.model_copy(update={"prompt_logprobs": None})  # already sent
-            return params, None
-        if params.num_samples > 1:
+            return [Resumption(None, params, None)]
+        if params.best_of not in (None, params.n):
             return None
-        token_ids = self.token_ids[0]
-        if params.max_tokens is not None and len(token_ids) >= params.max_tokens:
+        indexes = [index for index in range(params.n) if index not in self.finished]
+        if params.max_tokens is not None and any(len(self.token_ids.get(i, [])) >= params.max_tokens for i in indexes):
             return None  # nothing left to generate: the replica died before saying so
-        self.logprob_base = dict(self.cumulative_logprob)
         # NOTE: the same max_tokens and min_tokens: the engine counts the resumed tokens as output against them.
-        params = params.model_copy(update={"prompt_logprobs": None})
-        return params, ResumeState(list(token_ids), self.num_chars.get(0, 0))
+        update: dict[str, Any] = {"prompt_logprobs": None}
+        if params.n == 1:
+            self.logprob_base = dict(self.cumulative_logprob)
+            return [Resumption(None, params.model_copy(update=update), self._state(0))]
+        update.update(n=1, best_of=None)
+        return [Resumption(index, params.model_copy(update=update), self._state(index)) for index in indexes]
+
+    def _state(self, index: int) -> ResumeState:
+        return ResumeState(list(self.token_ids.get(index, [])), self.num_chars.get(index, 0), sample_index=index)
+
+    def choice(self, index: int) -> Delivered:
+        """What was delivered of choice `index`, as the one-sample request that resumes it sees its own output."""
+        return Delivered(
+            token_ids={0: list(self.token_ids.get(index, []))}, num_chars={0: self.num_chars.get(index, 0)},
+            num_outputs=self.num_outputs, logprob_base={0: self.cumulative_logprob.get(index, 0.0)},
+            cumulative_logprob={0: self.cumulative_logprob.get(index, 0.0)},
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """One call that resumes a request: the whole of it (`index` None), or choice `index` of an `n > 1` one."""
+
+    index: int | None
+    params: SamplingParams
+    resume: ResumeState | None
 
 
 async def migrating_outputs(
@@ -119,42 +148,96 @@ async def migrating_outputs(
     """The output deltas of a request, resumed on another replica (at most `policy.max_migrations` times, within
     `policy.deadline_s`) when the one serving it is lost. `on_migration(reason)` counts each; `gave_up` when the
     request's error is passed on instead."""
-    delivered = Delivered()
-    deadline = time.monotonic() + policy.deadline_s
-    call_id, call_params, resume = request_id, params, None
-    lost: APIError | None = None  # the error of the last lost call: what the client gets if resuming fails
-    for migration in range(policy.max_migrations + 1):
-        stream = start(call_id, call_params, resume)
-        try:
-            if lost is not None:
-                yield delivered.record(await _first_within(stream, deadline, lost, on_migration))
-            async for output in stream:
-                yield delivered.record(output)
-            return
-        except APIError as error:
-            reason = lost_replica_reason(error)
-            if reason is None or error is lost:
-                raise
-            lost = error
-            plan = delivered.resume(params)
-            if plan is None or migration == policy.max_migrations or time.monotonic() + policy.backoff_s > deadline:
-                on_migration("gave_up")
-                logger.warning("request %s lost its replica (%s); not resumed", request_id, reason)
-                raise
-            on_migration(reason)
-            call_params, resume = plan
-            call_id = f"{request_id}-m{migration + 1}"
-            logger.warning("request %s lost its replica (%s) after %d tokens; resuming it as %s", request_id, reason,
-                           delivered.num_tokens, call_id)  # fmt: skip
-            await asyncio.sleep(policy.backoff_s)
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+    calls = _Calls(start, policy, on_migration, time.monotonic() + policy.deadline_s)
+    async for output in calls.outputs(request_id, params, Delivered(), request_id, None, None, 0):
+        yield output
+
+
+@dataclass
+class _Calls:
+    """The replica calls of one request, its migrations and their shared deadline."""
+
+    start: StartCall
+    policy: MigrationPolicy
+    on_migration: Callable[[str], None]
+    deadline: float
+
+    async def outputs(
+        self, request_id: str, params: SamplingParams, delivered: Delivered, call_id: str,
+        resume: ResumeState | None, lost: APIError | None, migrations: int, wait_until: float = 0.0,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """`params`' deltas from `call_id` on (resumed from `resume` after `lost`, if given: its first output due by
+        `wait_until`), migrated when lost. `migrations`: how many the request already used (a resumed choice counts
+        its request's)."""
+        call_params = params
+        while True:
+            stream = self.start(call_id, call_params, resume)
+            try:
+                if lost is not None:
+                    yield delivered.record(await _first_within(stream, wait_until, lost, self.on_migration))
+                async for output in stream:
+                    yield delivered.record(output)
+                return
+            except APIError as error:
+                reason = lost_replica_reason(error)
+                if reason is None or error is lost:
+                    raise
+                lost, wait_until = error, time.monotonic() + self.policy.deadline_s
+                plans = delivered.resume(params)
+                if (plans is None or migrations == self.policy.max_migrations
+                        or time.monotonic() + self.policy.backoff_s > self.deadline):  # fmt: skip
+                    self.on_migration("gave_up")
+                    logger.warning("request %s lost its replica (%s); not resumed", request_id, reason)
+                    raise
+                self.on_migration(reason)
+                migrations += 1
+                call_id = f"{request_id}-m{migrations}"
+                logger.warning("request %s lost its replica (%s) after %d tokens; resuming it as %s (%d calls)",
+                               request_id, reason, delivered.num_tokens, call_id, len(plans))  # fmt: skip
+                await asyncio.sleep(self.policy.backoff_s)
+                if plans[0].index is None:
+                    call_params, resume = plans[0].params, plans[0].resume
+                    continue
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
+            break  # an n > 1 request cut after tokens went out: its choices go on one call each
+        async for output in self._choices(request_id, plans, delivered, lost, migrations, wait_until):
+            yield delivered.record(output)
+
+    async def _choices(
+        self, request_id: str, plans: list[Resumption], delivered: Delivered, lost: APIError, migrations: int,
+        wait_until: float,
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """The resumed choices' deltas as the request's: each under its own index, finished when all are."""
+        streams = []
+        for plan in plans:
+            choice_id = f"{request_id}-c{plan.index}"
+            outputs = self.outputs(choice_id, plan.params, delivered.choice(plan.index), f"{choice_id}-m{migrations}",
+                                   plan.resume, lost, migrations, wait_until)  # fmt: skip
+            streams.append(_as_choice(plan.index, outputs))
+        unfinished = set(range(len(plans)))
+        async for position, output in merge(streams):  # type: ignore[arg-type]
+            if output.finished:
+                unfinished.discard(position)
+            output.finished = not unfinished
+            yield output
+
+
+async def _as_choice(index: int, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """A one-sample request's deltas as choice `index`'s."""
+    try:
+        async for output in outputs:
+            for completion in output.outputs:
+                completion.index = index
+            yield output
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
 
 
 async def _first_within(
     stream: AsyncIterator[RequestOutput], deadline: float, lost: APIError, on_migration: Callable[[str], None]
 ) -> RequestOutput:
-    """A resumed call's first output, or `lost` re-raised at the deadline. NOTE: with every replica gone, Serve
+    """A resumed call's first output, or `lost` re-raised at `deadline`. NOTE: with every replica gone, Serve
     holds a call until one is back, which may be never: the client gets its error instead of a hang."""
     try:
         return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))

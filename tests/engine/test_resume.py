@@ -92,6 +92,30 @@ def test_a_stop_string_across_the_cut_is_found_and_held_back_text_is_sent_once(e
         assert cut_and_resume(engine, PROMPT, params, cut) == whole, cut
 
 
+@pytest.mark.parametrize("cut", [3, 11])
+def test_each_choice_of_a_seeded_n_request_resumes_as_a_one_sample_request(engine: LLMEngine, cut: int) -> None:
+    # What the ingress does with an n > 1 request cut after tokens went out: choice i goes on as an n = 1 request
+    # with the same params and ResumeState.sample_index = i, which draws from sample i's seeded stream.
+    params = SamplingParams(n=3, temperature=1.0, top_k=50, seed=99, max_tokens=16, ignore_eos=True)
+    engine.add_request("whole-n3", prompt_token_ids=PROMPT, params=params, output_kind="delta")
+    whole: dict[int, Run] = {i: Run() for i in range(3)}
+    while engine.has_unfinished():
+        for output in engine.step():
+            for completion in output.outputs:
+                whole[completion.index].token_ids += completion.token_ids
+                whole[completion.index].text += completion.text
+                whole[completion.index].finish_reason = completion.finish_reason
+                whole[completion.index].stop_reason = completion.stop_reason
+    assert len({tuple(run.token_ids) for run in whole.values()}) > 1  # distinct streams, or the test shows nothing
+    one = params.model_copy(update={"n": 1})
+    for index, run in whole.items():
+        delivered = run.token_ids[:cut]
+        text = _text_of(engine, delivered)
+        rest = generate(engine, PROMPT, one, ResumeState(delivered, len(text), sample_index=index))
+        assert delivered + rest.token_ids == run.token_ids, index
+        assert text + rest.text == run.text, index
+
+
 def test_resume_is_refused_for_n_above_one_and_for_no_tokens_left(engine: LLMEngine) -> None:
     with pytest.raises(RequestError, match="n = 1"):
         engine.add_request("n2", prompt_token_ids=PROMPT, params=SamplingParams(n=2, seed=1),

@@ -15,7 +15,13 @@ import pytest
 import ray
 
 from tests.serve.conftest import ServedApp, run, wait_until
-from tests.serve.fault_injection import DYING_PROMPT, INJECTED_FAULT_MESSAGE, POISON_PROMPT, dying_calls_in_process
+from tests.serve.fault_injection import (
+    DYING_ONCE_PROMPT,
+    DYING_PROMPT,
+    INJECTED_FAULT_MESSAGE,
+    POISON_PROMPT,
+    dying_calls_in_process,
+)
 from tests.serve.stress_client import (
     CLIENT_TIMEOUT_S,
     Outcome,
@@ -211,3 +217,54 @@ def _kill_a_replica_under_load(stress_app: ServedApp, references: list[Completio
                interval_s=1)  # fmt: skip
     assert len(set(live_replica_stats(app_name)) - names_before) == 1
     assert run(served())
+
+
+async def _choices(client: httpx.AsyncClient, prompt: list[int], streamed: bool, n: int,
+                   sampling: dict[str, Any]) -> dict[int, list[int]]:  # fmt: skip
+    """Each choice's token ids of an `n`-choice completion (streamed or not); fails on any error."""
+    body = {"prompt": prompt, "max_tokens": 64, "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True,
+            "n": n, "stream": streamed, **sampling}  # fmt: skip
+    tokens: dict[int, list[int]] = {i: [] for i in range(n)}
+    if not streamed:
+        response = await client.post("/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        for choice in response.json()["choices"]:
+            tokens[choice["index"]] = _token_ids(choice["logprobs"]["tokens"])
+        return tokens
+    async with client.stream("POST", "/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            data = line.removeprefix("data: ")
+            if line.startswith("data: ") and data != "[DONE]":
+                event = json.loads(data)
+                assert "error" not in event, event
+                for choice in event["choices"]:
+                    tokens[choice["index"]] += _token_ids(choice["logprobs"]["tokens"])
+    return tokens
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_an_n_request_cut_after_tokens_resumes_each_choice_as_uninterrupted(stress_app: ServedApp,
+                                                                             streamed: bool) -> None:  # fmt: skip
+    # DYING_ONCE_PROMPT: the first call of each request dies after some tokens; its resumed calls live. A one-choice
+    # request is resumed exactly (the kill tests above), so it is the reference for every greedy choice and for
+    # choice 0 of a seeded request (sample 0's stream).
+    wait_until(lambda: all_blocks_free(stress_app.name, 2), timeout_s=60)
+    prompt = DYING_ONCE_PROMPT + random_ids(6, 900 + streamed)
+    seeded = {"temperature": 0.9, "top_k": 40, "seed": 4242}
+
+    async def scenario() -> tuple[dict[int, list[int]], ...]:
+        async with httpx.AsyncClient(base_url=stress_app.base_url) as client:
+            greedy_one = await _choices(client, prompt, streamed, 1, {"temperature": 0})
+            greedy_three = await _choices(client, prompt, streamed, 3, {"temperature": 0})
+            seeded_one = await _choices(client, prompt, streamed, 1, seeded)
+            seeded_two = await _choices(client, prompt, streamed, 2, seeded)
+            seeded_two_again = await _choices(client, prompt, streamed, 2, seeded)
+            return greedy_one, greedy_three, seeded_one, seeded_two, seeded_two_again
+
+    greedy_one, greedy_three, seeded_one, seeded_two, seeded_two_again = run(scenario())
+    assert len(greedy_one[0]) == 64
+    assert greedy_three == {i: greedy_one[0] for i in range(3)}
+    assert seeded_two[0] == seeded_one[0] and len(seeded_two[1]) == 64
+    assert seeded_two == seeded_two_again  # choice 1 too continues its own seeded stream
+    wait_until(lambda: all_blocks_free(stress_app.name, 2), timeout_s=60)

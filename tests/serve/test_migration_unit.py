@@ -170,15 +170,103 @@ def test_a_dead_engine_loop_is_migrated() -> None:
     assert reasons == ["engine_dead"] and sum(len(o.outputs[0].token_ids) for o in outputs) == len(TOKENS)
 
 
-def test_n_above_one_is_restarted_only_before_any_token_was_sent() -> None:
+def test_n_above_one_is_restarted_whole_before_any_token_was_sent() -> None:
     params = SamplingParams(n=2, max_tokens=6, temperature=1.0)
     restarted = FakeReplicas(deliver=[0])
     outputs, _ = collect(restarted, params)
-    assert restarted.calls[1].resume is None and sum(len(o.outputs[0].token_ids) for o in outputs) == len(TOKENS)
-    cut = FakeReplicas(deliver=[2])
-    with pytest.raises(APIError):
-        collect(cut, params)
-    assert len(cut.calls) == 1
+    assert restarted.calls[1].resume is None and restarted.calls[1].params == params
+    assert sum(len(o.outputs[0].token_ids) for o in outputs) == len(TOKENS)
+
+
+@dataclass
+class FakeChoices:
+    """An `n`-choice request: choice i's token at position p is `1000 * i + TOKENS[p]` (text TEXTS[p]), choice i
+    ending after `lengths[i]` tokens. A whole call yields every unfinished choice per step; a resumed call
+    (`n = 1`) continues choice `resume.sample_index`. Call k dies after `deliver[k]` outputs."""
+
+    deliver: list[int]
+    lengths: list[int]
+    calls: list[Call] = field(default_factory=list)
+
+    def __call__(self, request_id: str, params: SamplingParams, resume: ResumeState | None) -> AsyncIterator:
+        self.calls.append(Call(request_id, params, resume))
+        return self._outputs(len(self.calls) - 1, params, resume)
+
+    async def _outputs(self, call: int, params: SamplingParams, resume: ResumeState | None) -> AsyncIterator:
+        indexes = [resume.sample_index] if resume else list(range(params.n))
+        start = len(resume.output_token_ids) if resume else 0
+        for step, position in enumerate(range(start, max(self.lengths[i] for i in indexes))):
+            if call < len(self.deliver) and step == self.deliver[call]:
+                error = ActorDiedError()
+                raise to_api_error(error) from error
+            await asyncio.sleep(0)
+            completions = [
+                CompletionOutput(0 if resume else i, TEXTS[position], [1000 * i + TOKENS[position]],
+                                 "length" if position == self.lengths[i] - 1 else None,
+                                 cumulative_logprob=-1.0 * (position - start + 1))
+                for i in indexes if position < self.lengths[i]
+            ]  # fmt: skip
+            done = all(position >= self.lengths[i] - 1 for i in indexes)
+            yield RequestOutput("r", None, list(PROMPT), completions, done)
+
+    def expected(self, index: int) -> list[int]:
+        return [1000 * index + token for token in TOKENS[: self.lengths[index]]]
+
+
+def _choices(outputs: list[RequestOutput], n: int) -> dict[int, tuple[list[int], str]]:
+    tokens: dict[int, list[int]] = {i: [] for i in range(n)}
+    texts = {i: "" for i in range(n)}
+    for output in outputs:
+        for completion in output.outputs:
+            tokens[completion.index] += completion.token_ids
+            texts[completion.index] += completion.text
+    return {i: (tokens[i], texts[i]) for i in range(n)}
+
+
+def test_n_above_one_cut_after_tokens_resumes_each_choice_from_its_own_tokens() -> None:
+    replicas = FakeChoices(deliver=[2], lengths=[6, 4, 5])
+    params = SamplingParams(n=3, max_tokens=6, temperature=0.8, seed=7)
+    outputs, reasons = collect(replicas, params)  # type: ignore[arg-type]
+    assert reasons == ["actor_died"]
+    assert _choices(outputs, 3) == {i: (replicas.expected(i), "".join(TEXTS[: replicas.lengths[i]])) for i in range(3)}
+    resumed = sorted(replicas.calls[1:], key=lambda call: call.resume.sample_index)
+    assert [call.resume for call in resumed] == [ResumeState(replicas.expected(i)[:2], len("Hello"), i)
+                                                 for i in range(3)]  # fmt: skip
+    assert [call.request_id for call in resumed] == [f"req-c{i}-m1" for i in range(3)]
+    # The same sampling params, one sample each: the engine resumes sample i's seeded stream (sample_index).
+    assert all(call.params == params.model_copy(update={"n": 1}) for call in resumed)
+    assert [output.finished for output in outputs] == [False] * (len(outputs) - 1) + [True]
+    # One stream: the prompt once, each choice's cumulative logprob from its start.
+    assert [bool(output.prompt_token_ids) for output in outputs].count(True) == 1
+    last = {c.index: c.cumulative_logprob for output in outputs for c in output.outputs}
+    assert last == {i: -1.0 * replicas.lengths[i] for i in range(3)}
+
+
+def test_a_finished_choice_is_not_resumed_and_a_resumed_choice_may_migrate_again() -> None:
+    # Choice 1 finished before the cut (2 tokens); choice 0's resumed call dies again after one more token.
+    replicas = FakeChoices(deliver=[2, 1], lengths=[6, 2])
+    outputs, reasons = collect(replicas, SamplingParams(n=2, max_tokens=6, temperature=0.0))  # type: ignore[arg-type]
+    assert reasons == ["actor_died", "actor_died"]
+    assert [call.request_id for call in replicas.calls] == ["req", "req-c0-m1", "req-c0-m2"]
+    assert replicas.calls[2].resume == ResumeState(replicas.expected(0)[:3], len("Hello wo"), 0)
+    assert _choices(outputs, 2) == {i: (replicas.expected(i), "".join(TEXTS[: replicas.lengths[i]])) for i in range(2)}
+
+
+def test_a_resumed_choice_past_max_migrations_fails_the_request() -> None:
+    replicas = FakeChoices(deliver=[1, 1, 1, 1], lengths=[6, 6])
+    with pytest.raises(APIError) as raised:
+        policy = MigrationPolicy(max_migrations=1, backoff_s=0.0)
+        collect(replicas, SamplingParams(n=2, max_tokens=6), policy)  # type: ignore[arg-type]
+    assert raised.value.code == "engine_unavailable"
+
+
+def test_best_of_above_n_is_never_resumed_mid_output() -> None:
+    from router.migration import Delivered
+
+    delivered = Delivered()
+    delivered.record(RequestOutput("r", None, PROMPT, [CompletionOutput(0, "He", [101])], False))
+    assert delivered.resume(SamplingParams(n=1, best_of=2, temperature=1.0, max_tokens=6)) is None
+    assert delivered.resume(SamplingParams(n=1, max_tokens=6))[0].resume == ResumeState([101], 2)
 
 
 def test_errors_are_classified_by_their_cause() -> None:
