@@ -89,7 +89,8 @@ class IngressConfig(BaseModel):
     )
     migration_deadline_s: float = Field(
         default=120.0, gt=0,
-        description="no migration after this many seconds of a request; a resumed call waits this long at most",
+        description="no migration after this many seconds of a request; a resumed call waits this long at most, "
+        "and so does a new request for its first output (then 503: no replica running, or all saturated)",
     )
     tool_call_parser: ToolParserName | None = Field(
         default=None, description="how this model writes tool calls (for tool_choice auto); None: auto is refused"

@@ -23,7 +23,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from replicas.contract import EngineUnavailableError, RequestOutput, ResumeState
 from replicas.sampling_params import SamplingParams
 from router.errors import APIError
-from router.streaming import merge
+from router.streaming import UNAVAILABLE_RETRY_AFTER_S, merge
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class MigrationPolicy:
     # No migration starts later than this after the request's first call, and a resumed call that produces nothing
     # this long after its loss ends (every replica gone). NOTE: from the loss, not the request's start: right after a
     # kill the survivor queues the migrated requests behind its own, and an old request must not be failed for it.
+    # A new request's first output is due this long after its start, too (every replica gone: 503, not a hang).
     deadline_s: float = 120.0
     # NOTE: a pause before resuming gives Serve's router time to drop the dead replica (it learns from the failure),
     # so the retry does not land on it again and burn a migration.
@@ -175,6 +176,11 @@ class _Calls:
             try:
                 if lost is not None:
                     yield delivered.record(await _first_within(stream, wait_until, lost, self.on_migration))
+                elif migrations == 0:
+                    first = await _first_of_new_call(stream, self.deadline, self.policy.deadline_s)
+                    if first is None:
+                        return
+                    yield delivered.record(first)
                 async for output in stream:
                     yield delivered.record(output)
                 return
@@ -232,6 +238,23 @@ async def _as_choice(index: int, outputs: AsyncIterator[RequestOutput]) -> Async
             yield output
     finally:
         await outputs.aclose()  # type: ignore[attr-defined]
+
+
+async def _first_of_new_call(
+    stream: AsyncIterator[RequestOutput], deadline: float, deadline_s: float
+) -> RequestOutput | None:
+    """A new request's first output (None: it ended without one), or 503 `engine_unavailable` at its deadline.
+    NOTE: with every replica gone, Serve holds a new call until one is back (a deployment that was once healthy
+    stays "available" with none running), which may be never."""
+    try:
+        return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
+    except StopAsyncIteration:
+        return None
+    except asyncio.TimeoutError:
+        raise APIError(
+            503, f"no engine replica produced output within {deadline_s:g} s (none running, or all saturated): "
+            "retry shortly", code="engine_unavailable", retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+        ) from None  # fmt: skip
 
 
 async def _first_within(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class FakeReplicas:
     deliver: list[int]
     error: BaseException = field(default_factory=ActorDiedError)
     hang: bool = False
+    none_running: bool = False  # no call ever starts (Serve holds calls while no replica runs)
     hold_back_second: bool = False  # the first call sends token 2 without its text (a possible stop-string prefix)
     calls: list[Call] = field(default_factory=list)
 
@@ -47,7 +49,7 @@ class FakeReplicas:
         return self._outputs(len(self.calls) - 1, resume)
 
     async def _outputs(self, call: int, resume: ResumeState | None) -> AsyncIterator[RequestOutput]:
-        if self.hang and call > 0:
+        if (self.hang and call > 0) or self.none_running:
             await asyncio.sleep(3600)
         start = len(resume.output_token_ids) if resume else 0
         held_back = "".join(TEXTS[:start])[resume.num_text_chars :] if resume else ""
@@ -155,6 +157,16 @@ def test_a_resumed_call_that_never_starts_ends_with_the_error_at_the_deadline() 
         collect(replicas, policy=policy)
     assert raised.value.code == "engine_unavailable"
     assert len(replicas.calls) == 2
+
+
+def test_a_new_request_that_no_replica_takes_ends_with_503_at_the_deadline() -> None:
+    replicas = FakeReplicas(deliver=[], none_running=True)
+    policy = MigrationPolicy(max_migrations=2, deadline_s=0.3, backoff_s=0.0)
+    started = time.monotonic()
+    with pytest.raises(APIError) as raised:
+        collect(replicas, policy=policy)
+    assert raised.value.status_code == 503 and raised.value.code == "engine_unavailable"
+    assert time.monotonic() - started >= 0.3 and len(replicas.calls) == 1
 
 
 def test_an_engine_failure_is_not_migrated() -> None:

@@ -2,8 +2,9 @@
 `engine_unavailable`, or mid-stream the SSE error event — at their migration deadline, never a hang. The app's
 replicas refuse to start while `refuse_start_flag` exists (tests/serve/fault_injection.py).
 
-NOTE: a *new* request in that state is held by Serve's router until a replica starts (a deployment that was once
-healthy stays "available" with none running), so it is bounded by the proxy's `request_timeout_s` only (README)."""
+A *new* request in that state is held by Serve's router until a replica starts (a deployment that was once healthy
+stays "available" with none running): the ingress answers it 503 `engine_unavailable` when its first output has
+not come by the same deadline."""
 
 from __future__ import annotations
 
@@ -73,9 +74,17 @@ def test_with_every_replica_dead_requests_end_with_the_unavailable_error(doomed_
                 ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
             killed = time.monotonic()
             done = await asyncio.wait_for(asyncio.gather(*in_flight), NO_HANG_S)
+            # Requests that arrive with none running: the serving replica could not even be picked.
+            arrived = [asyncio.create_task(greedy_completion(client, random_ids(10, 710 + i), 8, i % 2 == 0))
+                       for i in range(2)]  # fmt: skip
+            done += await asyncio.wait_for(asyncio.gather(*arrived), NO_HANG_S)
             return done, time.monotonic() - killed
 
     done, elapsed_s = run(scenario())
+    for i, outcome in enumerate(done[4:]):
+        assert outcome.error is not None and outcome.error["code"] == "engine_unavailable", (i, outcome)
+        assert not outcome.token_ids and outcome.status in (200, 503), (i, outcome)  # 200: the SSE error event
+    done = done[:4]
     for i, outcome in enumerate(done):
         streamed = i % 2 == 0
         assert outcome.error is not None and outcome.error["code"] == "engine_unavailable", (i, outcome)
@@ -84,4 +93,4 @@ def test_with_every_replica_dead_requests_end_with_the_unavailable_error(doomed_
             assert 0 < len(outcome.token_ids) < MAX_TOKENS, (i, outcome)
         else:
             assert outcome.status == 503, (i, outcome)
-    assert elapsed_s < NO_HANG_S
+    assert elapsed_s < 2 * NO_HANG_S  # in-flight, then new requests: each within its deadline
