@@ -21,7 +21,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import tempfile
@@ -48,7 +47,7 @@ from bench.loadgen import (
     shared_prefix_workload,
     word_vocabulary,
 )
-from bench.machine import cpu_flags
+from bench.machine import machine_description
 from bench.offline import flops_per_token, measure_gemm_peak
 from bench.servers import BaselineServer, ServeCluster
 from replicas.default_model import DEFAULT_MODEL_DIR
@@ -597,19 +596,6 @@ def plot(results: dict[str, Any], output_dir: Path, suffix: str) -> list[Path]:
 
 
 # --- main -----------------------------------------------------------------------------------------------------
-
-
-def machine_description() -> str:
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{len(os.sched_getaffinity(0))} vCPUs ({model}; flags {' '.join(cpu_flags())}), "
-            f"{psutil.virtual_memory().total / GiB:.0f} GiB, no GPU")  # fmt: skip
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -151,9 +151,9 @@ class KVAwareRequestRouter(RequestRouter):
         stats_stale_after_s: float = 5.0,
         recent_route_ttl_s: float = 5.0,
         max_recent_routes: int = 4096,
-        min_match_blocks: int = 1,
-        max_waiting_for_affinity: int = 8,
-        max_imbalance: int = 16,
+        min_match_blocks: int = RoutingPolicy.min_match_blocks,
+        max_waiting_for_affinity: int = RoutingPolicy.max_waiting_for_affinity,
+        max_imbalance: int = RoutingPolicy.max_imbalance,
     ) -> None:
         self._stats_stale_after_s = stats_stale_after_s
         self._recent_route_ttl_s = recent_route_ttl_s

@@ -102,6 +102,16 @@ def test_stale_stats_fall_back_to_power_of_two_choices() -> None:
     assert sorted(sum(ranks, [])) == ["a", "b", "c", "d"]
 
 
+def test_of_equally_deep_holders_the_shorter_queue_wins() -> None:
+    replicas = [view("a", prefix_blocks=4, ongoing=3), view("b", prefix_blocks=4, ongoing=1), view("c", ongoing=0)]
+    assert rank_replicas(replicas, 6)[0] == (["b"], "prefix_hit")
+
+
+def test_a_prefix_every_replica_holds_is_no_reason_to_prefer_one() -> None:
+    replicas = [view("a", prefix_blocks=2, free=10), view("b", prefix_blocks=2, free=90)]
+    assert rank_replicas(replicas, 6)[0] == (["b"], "least_loaded")
+
+
 def test_ties_are_broken_at_random() -> None:
     replicas = [view("a"), view("b")]
     firsts = {first_choice(rank_ids(replicas, 0, rng=random.Random(seed)))[0] for seed in range(20)}
@@ -142,10 +152,10 @@ class FakePendingRequest:
     routing_context: Any = field(default_factory=lambda: type("Context", (), {"should_backoff": False})())
 
 
-def make_router(queue_lengths: dict[str, int] | None = None) -> KVAwareRequestRouter:
+def make_router(queue_lengths: dict[str, int] | None = None, **state: Any) -> KVAwareRequestRouter:
     """The router's policy state without Serve's routing machinery (which needs a running controller)."""
     router = KVAwareRequestRouter.__new__(KVAwareRequestRouter)
-    router.initialize_state()
+    router.initialize_state(**state)
     router._replica_queue_len_cache = FakeQueueLengths(queue_lengths or {})
     return router
 
