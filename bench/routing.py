@@ -38,9 +38,7 @@ import math
 import os
 import random
 import re
-import socket
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -52,8 +50,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import httpx  # noqa: E402
 
-from bench.loadgen import parse_sse_line, percentile, word_vocabulary  # noqa: E402
+from bench.loadgen import StreamError, percentile, sse_events, word_vocabulary  # noqa: E402
 from bench.machine import machine_description  # noqa: E402
+from bench.servers import Poller, free_port  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -136,25 +135,15 @@ async def chat(client: httpx.AsyncClient, url: str, model: str, messages: list[d
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     parts: list[str] = []
-    async with client.stream("POST", url, json=body) as response:
-        if response.status_code != 200:
-            record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-            return ""
-        async for line in response.aiter_lines():
-            event = parse_sse_line(line)
-            if event is None:
-                continue
-            if "error" in event:
-                record.error = str(event["error"])
-                return ""
-            if event.get("usage"):
-                record.completion_tokens = event["usage"].get("completion_tokens", 0)
-            for choice in event.get("choices", []):
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    if record.ttft is None:
-                        record.ttft = time.perf_counter() - t0 - record.start
-                    parts.append(content)
+    async for event in sse_events(client, url, body):
+        if event.get("usage"):
+            record.completion_tokens = event["usage"].get("completion_tokens", 0)
+        for choice in event.get("choices", []):
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                if record.ttft is None:
+                    record.ttft = time.perf_counter() - t0 - record.start
+                parts.append(content)
     record.end = time.perf_counter() - t0
     return "".join(parts)
 
@@ -172,7 +161,7 @@ async def drive(url: str, model: str, users: list[ChatUser], duration_s: float) 
             records.append(record)
             try:
                 text = await chat(client, url, model, messages, max_tokens, record, t0)
-            except httpx.HTTPError as error:
+            except (httpx.HTTPError, StreamError) as error:
                 record.error = repr(error)
                 text = ""
             user.answered(kind, text)
@@ -185,33 +174,6 @@ async def drive(url: str, model: str, users: list[ChatUser], duration_s: float) 
     return records, max(ends, default=duration_s)
 
 
-class LoadSampler:
-    """Samples each replica's running + waiting requests every `interval_s` on a thread, while a run lasts."""
-
-    def __init__(self, replicas: list[Any], interval_s: float = 0.5) -> None:
-        self.replicas = replicas
-        self.interval_s = interval_s
-        self.samples: list[list[int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> LoadSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                stats = stats_of(self.replicas)
-            except Exception:  # noqa: BLE001 — a slow answer on a loaded machine: skip this sample
-                continue
-            self.samples.append([s["num_running"] + s["num_waiting"] for s in stats])
-
-
 def imbalance(samples: list[list[int]], slots: int) -> tuple[float, int]:
     """Mean of max/mean ongoing requests per replica over the samples at saturation, and how many there were."""
     ratios = [max(s) / statistics.mean(s) for s in samples if s and statistics.mean(s) >= slots / 2]
@@ -219,12 +181,6 @@ def imbalance(samples: list[list[int]], slots: int) -> tuple[float, int]:
 
 
 # --- Ray, Serve and the replicas -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_ray(num_cpus: int) -> tuple[int, int]:
@@ -340,7 +296,8 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
         before = stats_of(replicas)
         system = words_text(random.Random(workload.seed), words, (workload.system_words, workload.system_words))
         chat_users = [ChatUser(workload, words, system, index) for index in range(users)]
-        with LoadSampler(replicas) as sampler:
+        # Each replica's running + waiting requests, every 0.5 s while the load runs.
+        with Poller(lambda: [s["num_running"] + s["num_waiting"] for s in stats_of(replicas)]) as sampler:
             records, elapsed_s = asyncio.run(drive(url, "bench", chat_users, duration_s))
         after = stats_of(replicas)
         queried = [a["prefix_cache_queries"] - b["prefix_cache_queries"] for a, b in zip(after, before)]
