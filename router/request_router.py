@@ -49,6 +49,10 @@ class RoutingPolicy:
     min_match_blocks: int = 1  # prefix blocks a replica must hold to attract a request
     max_waiting_for_affinity: int = 8  # a replica with more waiting requests is overloaded for affinity
     max_imbalance: int = 4  # ... and so is one with this many more ongoing requests than the least loaded
+    # A request whose prefix one replica holds this many blocks deeper than any other waits for that replica while
+    # it is saturated, up to this long: a slot frees sooner than the others can prefill those blocks again.
+    min_wait_blocks: int = 8
+    max_affinity_wait_s: float = 1.0
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
@@ -94,6 +98,7 @@ def rank_replicas(
     num_request_blocks: int,
     policy: RoutingPolicy = RoutingPolicy(),
     rng: random.Random | None = None,
+    waited_s: float | None = None,
 ) -> list[tuple[list[str], str]]:
     """Replica ids in ranks, best first, each with why it is there (prefix_hit, least_loaded or fallback: a
     metric's label); Serve tries each rank in turn and skips replicas that refuse.
@@ -102,6 +107,10 @@ def rank_replicas(
        of equally deep holders the shortest queue; none when every replica holds as much.
     2. Replicas with fresh stats: fewest waiting, then most free KV blocks (saturated ones last).
     3. Replicas whose stats are stale, missing or unreadable: power of two choices on ongoing requests.
+
+    Except: while the request has waited (`waited_s`) less than `max_affinity_wait_s`, a saturated replica holding
+    its prefix `min_wait_blocks` deeper than any other, with a short queue, is the only rank (Serve backs off and
+    asks again when it refuses).
     """
     rng = rng or random.Random()
     if not replicas:
@@ -109,6 +118,9 @@ def rank_replicas(
     shuffled = list(replicas)
     rng.shuffle(shuffled)  # ties go to a random replica, not always the first
     ranked: list[tuple[list[str], str]] = []
+    holder = max(shuffled, key=lambda r: r.prefix_blocks)
+    if waited_s is not None and _worth_waiting_for(holder, shuffled, policy, waited_s):
+        return [([holder.replica_id], "prefix_hit")]
     # The deepest match among replicas fit to take it; among equally deep ones (a hot prefix that spilled over,
     # a shared system prompt every replica holds) the least loaded, so affinity never piles onto one replica.
     fit = [
@@ -138,6 +150,16 @@ def rank_replicas(
     return ranked
 
 
+def _worth_waiting_for(holder: ReplicaView, replicas: list[ReplicaView], policy: RoutingPolicy, waited_s: float) -> bool:
+    """Whether to hold the request for the saturated replica holding its prefix much deeper than the rest."""
+    if waited_s >= policy.max_affinity_wait_s or holder.stats is None or not _is_saturated(holder):
+        return False
+    if holder.stats.num_waiting + holder.routed_since_report > policy.max_waiting_for_affinity:
+        return False
+    others = max((r.prefix_blocks for r in replicas if r is not holder), default=0)
+    return holder.prefix_blocks - others >= policy.min_wait_blocks
+
+
 def _queue_length(replica: ReplicaView) -> int:
     """Ongoing requests as Serve counts them, plus what was sent since the replica's last report."""
     return (replica.num_ongoing or 0) + replica.routed_since_report
@@ -154,11 +176,15 @@ class KVAwareRequestRouter(RequestRouter):
         min_match_blocks: int = RoutingPolicy.min_match_blocks,
         max_waiting_for_affinity: int = RoutingPolicy.max_waiting_for_affinity,
         max_imbalance: int = RoutingPolicy.max_imbalance,
+        min_wait_blocks: int = RoutingPolicy.min_wait_blocks,
+        max_affinity_wait_s: float = RoutingPolicy.max_affinity_wait_s,
     ) -> None:
         self._stats_stale_after_s = stats_stale_after_s
         self._recent_route_ttl_s = recent_route_ttl_s
         self._max_recent_routes = max_recent_routes
-        self._policy = RoutingPolicy(min_match_blocks, max_waiting_for_affinity, max_imbalance)
+        self._policy = RoutingPolicy(
+            min_match_blocks, max_waiting_for_affinity, max_imbalance, min_wait_blocks, max_affinity_wait_s
+        )
         # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
         self._recent_routes: dict[str, OrderedDict[str, float]] = {}
         self._routed_since_report: dict[str, tuple[float, int]] = {}  # replica id -> (report timestamp, count)
@@ -185,7 +211,9 @@ class KVAwareRequestRouter(RequestRouter):
         now = time.time()
         views = [self._view(replica, request_hashes, now) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        ranks = rank_replicas(views, len(request_hashes), self._policy, self._rng)
+        created_at = getattr(pending_request, "created_at", None)  # when Serve queued it
+        waited_s = now - created_at if created_at is not None else None
+        ranks = rank_replicas(views, len(request_hashes), self._policy, self._rng, waited_s)
         if pending_request is not None:  # why each replica was offered, counted once Serve has placed the request
             predicted = {view.replica_id: view.prefix_blocks * self._block_size for view in views}
             self._routing_reasons[_request_key(pending_request)] = {

@@ -70,6 +70,24 @@ def test_saturated_prefix_holder_is_passed_over() -> None:
     assert ranks[-1] == ["b"]  # still a last resort
 
 
+def test_a_saturated_holder_of_a_much_deeper_prefix_is_waited_for_a_little() -> None:
+    policy = RoutingPolicy(min_wait_blocks=4, max_affinity_wait_s=1.0)
+    replicas = [view("a", prefix_blocks=1), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
+    assert rank_replicas(replicas, 6, policy, waited_s=0.2) == [(["b"], "prefix_hit")]  # only b: Serve retries
+    assert first_choice(rank_ids(replicas, 6, policy, waited_s=1.0)) == ["a"]  # waited long enough: spill
+    assert first_choice(rank_ids(replicas, 6, policy)) == ["a"]  # how long it waited is unknown: spill
+
+
+def test_a_saturated_holder_is_not_waited_for_when_the_match_is_shallow_or_its_queue_long() -> None:
+    policy = RoutingPolicy(min_wait_blocks=4, max_waiting_for_affinity=2)
+    shallow = [view("a", prefix_blocks=3), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
+    assert first_choice(rank_ids(shallow, 6, policy, waited_s=0.0)) == ["a"]
+    queued = [view("a"), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8, waiting=3)]
+    assert first_choice(rank_ids(queued, 6, policy, waited_s=0.0)) == ["a"]
+    stale = [view("a"), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8, fresh=False)]
+    assert first_choice(rank_ids(stale, 6, policy, waited_s=0.0)) == ["a"]
+
+
 def test_prefix_holder_with_a_long_queue_is_passed_over() -> None:
     replicas = [view("a"), view("b", prefix_blocks=6, waiting=9)]
     assert first_choice(rank_ids(replicas, 6, RoutingPolicy(max_waiting_for_affinity=8))) == ["a"]
@@ -150,6 +168,7 @@ class FakePendingRequest:
     kwargs: dict[str, Any]
     args: list[Any] = field(default_factory=list)
     routing_context: Any = field(default_factory=lambda: type("Context", (), {"should_backoff": False})())
+    created_at: float | None = None  # when Serve queued it (None: unknown)
 
 
 def make_router(queue_lengths: dict[str, int] | None = None, **state: Any) -> KVAwareRequestRouter:
@@ -214,3 +233,15 @@ def test_stale_stats_are_warned_about_once_per_episode(caplog: pytest.LogCapture
         choose(router, [replica], [])
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("replica a" in warning and "old" in warning for warning in warnings)
+
+
+def test_router_holds_a_request_for_the_saturated_deep_holder_only_briefly() -> None:
+    router = make_router(queue_lengths={"a": 0, "b": 8}, min_wait_blocks=4, max_affinity_wait_s=1.0)
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats(hashes=HASHES))]
+
+    def first(created_ago_s: float) -> list[str]:
+        pending = FakePendingRequest({"prefix_hashes": HASHES}, created_at=time.time() - created_ago_s)
+        return [replica.name for replica in asyncio.run(router.choose_replicas(replicas, pending))[0]]
+
+    assert first(0.0) == ["b"]
+    assert first(5.0) == ["a"]
