@@ -2,7 +2,7 @@
 
 ``python -m bench.routing`` (all routers × 2 and 4 replicas, ~15 min idle); ``--quick`` (2 replicas, short runs);
 ``--replicas 4 --routers ours pow2 --duration 60`` for a part. Results: bench/results/routing.json, .md (the
-table README.md's "Routing quality" shows) and .png.
+table README.md's "Routing quality" shows) and .png; a `--quick` run's as routing_quick.* (not committed).
 
 Workload (seeded, `chat_sessions`): users hold multi-turn chats under one shared system prompt; every turn sends
 the whole conversation so far (the previous answers included) plus a new user message, after a think time; a
@@ -404,7 +404,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=4)
     parser.add_argument("--kv-mib", type=int, default=256, help="KV cache per replica, MiB")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where routing.json/.md/.png go")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where routing[_quick].json/.md/.png go")
     args = parser.parse_args()
     replica_counts = args.replicas or ([2] if args.quick else [2, 4])
     duration_s = args.duration or (30.0 if args.quick else 75.0)
@@ -439,10 +439,11 @@ def main() -> None:
         import ray
 
         ray.shutdown()
-    (args.out / "routing.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    stem = "routing_quick" if args.quick else "routing"  # a smoke run never replaces the full run's figures
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     markdown = report_markdown(meta, results)
-    (args.out / "routing.md").write_text(markdown)
-    plot(results, args.out / "routing.png")
+    (args.out / f"{stem}.md").write_text(markdown)
+    plot(results, args.out / f"{stem}.png")
     print(markdown)
 
 
