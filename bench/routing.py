@@ -1,14 +1,16 @@
 """Routing quality, measured: the same seeded chat workload through each request router, on 2 and 4 replicas.
 
 ``python -m bench.routing`` (all routers × 2 and 4 replicas, ~15 min idle); ``--quick`` (2 replicas, short runs);
-``--replicas 4 --routers ours pow2 --duration 60`` for a part. Results: bench/results/routing.json, .md (the
+``--replicas 4 --routers ours pow2 --requests-per-user 8`` for a part. Results: bench/results/routing.json, .md (the
 table README.md's "Routing quality" shows) and .png; a `--quick` run's as routing_quick.* (not committed).
 
 Workload (seeded, `chat_sessions`): users hold multi-turn chats under one shared system prompt; every turn sends
 the whole conversation so far (the previous answers included) plus a new user message, after a think time; a
 share of the requests (`one_off_share`) are one-off prompts sharing nothing. Each goes to `/v1/chat/completions`,
 streamed, so the time to the first content token is measured by the client. Enough users per replica to keep
-every replica's batch full (saturation), so routing has a load-balancing cost as well as a cache benefit.
+every replica's batch full (saturation), so routing has a load-balancing cost as well as a cache benefit. Every
+user sends the same number of requests under every router (not: for a fixed time), so each router serves the same
+requests and their hit rates compare (a faster router would otherwise reach later, longer turns).
 
 Deployment: one Ray on 127.0.0.1 in this process, the app of router/app.py with a small engine per replica (one
 torch thread, `--kv-mib` of KV cache, `--max-num-seqs` slots), deployed afresh for every router (a new app name:
@@ -148,14 +150,14 @@ async def chat(client: httpx.AsyncClient, url: str, model: str, messages: list[d
     return "".join(parts)
 
 
-async def drive(url: str, model: str, users: list[ChatUser], duration_s: float) -> tuple[list[Record], float]:
-    """Every user sends its requests back to back (with think time) until `duration_s`; the records and the
-    seconds from the start to the last answer."""
+async def drive(url: str, model: str, users: list[ChatUser], requests_per_user: int) -> tuple[list[Record], float]:
+    """Every user sends `requests_per_user` requests back to back (with think time); the records and the seconds
+    from the start to the last answer."""
     t0 = time.perf_counter()
     records: list[Record] = []
 
     async def user_loop(user: ChatUser, client: httpx.AsyncClient) -> None:
-        while time.perf_counter() - t0 < duration_s:
+        for _ in range(requests_per_user):
             kind, messages, max_tokens = user.next_request()
             record = Record(kind, time.perf_counter() - t0)
             records.append(record)
@@ -171,7 +173,7 @@ async def drive(url: str, model: str, users: list[ChatUser], duration_s: float) 
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         await asyncio.gather(*(user_loop(user, client) for user in users))
     ends = [record.end for record in records if record.end is not None]
-    return records, max(ends, default=duration_s)
+    return records, max(ends, default=time.perf_counter() - t0)
 
 
 def imbalance(samples: list[list[int]], slots: int) -> tuple[float, int]:
@@ -279,7 +281,7 @@ class RouterResult:
 
 
 def run_router(name: str, deployment: Deployment, workload: Workload, words: list[str], users: int,
-               duration_s: float, http_port: int, metrics_port: int) -> RouterResult:  # fmt: skip
+               requests_per_user: int, http_port: int, metrics_port: int) -> RouterResult:  # fmt: skip
     """Deploy the app with router `name`, drive the workload through it, collect the figures, delete the app."""
     from ray import serve
 
@@ -298,7 +300,7 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
         chat_users = [ChatUser(workload, words, system, index) for index in range(users)]
         # Each replica's running + waiting requests, every 0.5 s while the load runs.
         with Poller(lambda: [s["num_running"] + s["num_waiting"] for s in stats_of(replicas)]) as sampler:
-            records, elapsed_s = asyncio.run(drive(url, "bench", chat_users, duration_s))
+            records, elapsed_s = asyncio.run(drive(url, "bench", chat_users, requests_per_user))
         after = stats_of(replicas)
         queried = [a["prefix_cache_queries"] - b["prefix_cache_queries"] for a, b in zip(after, before)]
         hits = sum(a["prefix_cache_hits"] - b["prefix_cache_hits"] for a, b in zip(after, before))
@@ -358,7 +360,7 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
 def report_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     return "\n".join([
         f"Routing benchmark, {meta['date']}, on {meta['machine']}; model {meta['model']}; "
-        f"{meta['users_per_replica']} users per replica, {meta['duration_s']:.0f} s per router"
+        f"{meta['users_per_replica']} users per replica, {meta['requests_per_user']} requests each"
         f"{' (--quick)' if meta['quick'] else ''}.", "", markdown_table(results), "",
         *[f"- {verdict}" for verdict in targets(results)],
     ]) + "\n"  # fmt: skip
@@ -395,10 +397,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 replicas, 30 s per router")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 replicas, 6 requests per user")
     parser.add_argument("--replicas", type=int, nargs="+", default=None, help="replica counts (default: 2 4)")
     parser.add_argument("--routers", nargs="+", choices=list(ROUTERS), default=list(ROUTERS))
-    parser.add_argument("--duration", type=float, default=None, help="seconds of load per router (default 75)")
+    parser.add_argument("--requests-per-user", type=int, default=None, help="per router (default 10; quick 6)")
     parser.add_argument("--users-per-replica", type=int, default=5)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--max-num-seqs", type=int, default=4)
@@ -407,7 +409,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where routing[_quick].json/.md/.png go")
     args = parser.parse_args()
     replica_counts = args.replicas or ([2] if args.quick else [2, 4])
-    duration_s = args.duration or (30.0 if args.quick else 75.0)
+    requests_per_user = args.requests_per_user or (6 if args.quick else 10)
 
     import torch
     from transformers import AutoTokenizer
@@ -417,7 +419,7 @@ def main() -> None:
     workload = Workload(seed=args.seed)
     machine = machine_description()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
-            "model": Path(args.model).resolve().name, "quick": args.quick, "duration_s": duration_s,
+            "model": Path(args.model).resolve().name, "quick": args.quick, "requests_per_user": requests_per_user,
             "users_per_replica": args.users_per_replica, "workload": asdict(workload),
             "max_num_seqs": args.max_num_seqs, "kv_mib": args.kv_mib}  # fmt: skip
     print(f"machine: {machine}\nmodel: {meta['model']}", flush=True)
@@ -429,7 +431,7 @@ def main() -> None:
             deployment = Deployment(args.model, replicas, args.max_num_seqs, args.kv_mib)
             for router in args.routers:
                 result = run_router(router, deployment, workload, words, args.users_per_replica * replicas,
-                                    duration_s, http_port, metrics_port)  # fmt: skip
+                                    requests_per_user, http_port, metrics_port)  # fmt: skip
                 results.append(asdict(result))
                 print(markdown_table([results[-1]]).splitlines()[-1], flush=True)
     finally:

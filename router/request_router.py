@@ -49,10 +49,12 @@ class RoutingPolicy:
     min_match_blocks: int = 1  # prefix blocks a replica must hold to attract a request
     max_waiting_for_affinity: int = 8  # a replica with more waiting requests is overloaded for affinity
     max_imbalance: int = 4  # ... and so is one with this many more ongoing requests than the least loaded
-    # A request whose prefix one replica holds this many blocks deeper than any other waits for that replica while
-    # it is saturated, up to this long: a slot frees sooner than the others can prefill those blocks again.
-    min_wait_blocks: int = 8
-    max_affinity_wait_s: float = 1.0
+    # A request whose prefix one replica holds at least `min_wait_blocks` deeper than any other waits for that
+    # replica while it is saturated, for as long as prefilling those blocks elsewhere would take (`wait_per_block_s`
+    # each: ~16 tokens of a 135M model on one CPU thread; far less on a GPU), at most `max_affinity_wait_s`.
+    min_wait_blocks: int = 4
+    wait_per_block_s: float = 0.1
+    max_affinity_wait_s: float = 3.0
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
@@ -108,9 +110,9 @@ def rank_replicas(
     2. Replicas with fresh stats: fewest waiting, then most free KV blocks (saturated ones last).
     3. Replicas whose stats are stale, missing or unreadable: power of two choices on ongoing requests.
 
-    Except: while the request has waited (`waited_s`) less than `max_affinity_wait_s`, a saturated replica holding
-    its prefix `min_wait_blocks` deeper than any other, with a short queue, is the only rank (Serve backs off and
-    asks again when it refuses).
+    Except: a saturated replica holding the request's prefix `min_wait_blocks` or more deeper than any other, with a
+    short queue, is the only rank (Serve backs off and asks again when it refuses) while the request has waited
+    (`waited_s`) less than prefilling those blocks elsewhere would take.
     """
     rng = rng or random.Random()
     if not replicas:
@@ -152,12 +154,13 @@ def rank_replicas(
 
 def _worth_waiting_for(holder: ReplicaView, replicas: list[ReplicaView], policy: RoutingPolicy, waited_s: float) -> bool:
     """Whether to hold the request for the saturated replica holding its prefix much deeper than the rest."""
-    if waited_s >= policy.max_affinity_wait_s or holder.stats is None or not _is_saturated(holder):
+    if holder.stats is None or not _is_saturated(holder):
         return False
     if holder.stats.num_waiting + holder.routed_since_report > policy.max_waiting_for_affinity:
         return False
-    others = max((r.prefix_blocks for r in replicas if r is not holder), default=0)
-    return holder.prefix_blocks - others >= policy.min_wait_blocks
+    saved_blocks = holder.prefix_blocks - max((r.prefix_blocks for r in replicas if r is not holder), default=0)
+    budget_s = min(policy.max_affinity_wait_s, saved_blocks * policy.wait_per_block_s)
+    return saved_blocks >= policy.min_wait_blocks and waited_s < budget_s
 
 
 def _queue_length(replica: ReplicaView) -> int:
@@ -177,13 +180,15 @@ class KVAwareRequestRouter(RequestRouter):
         max_waiting_for_affinity: int = RoutingPolicy.max_waiting_for_affinity,
         max_imbalance: int = RoutingPolicy.max_imbalance,
         min_wait_blocks: int = RoutingPolicy.min_wait_blocks,
+        wait_per_block_s: float = RoutingPolicy.wait_per_block_s,
         max_affinity_wait_s: float = RoutingPolicy.max_affinity_wait_s,
     ) -> None:
         self._stats_stale_after_s = stats_stale_after_s
         self._recent_route_ttl_s = recent_route_ttl_s
         self._max_recent_routes = max_recent_routes
         self._policy = RoutingPolicy(
-            min_match_blocks, max_waiting_for_affinity, max_imbalance, min_wait_blocks, max_affinity_wait_s
+            min_match_blocks, max_waiting_for_affinity, max_imbalance, min_wait_blocks, wait_per_block_s,
+            max_affinity_wait_s,
         )
         # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
         self._recent_routes: dict[str, OrderedDict[str, float]] = {}

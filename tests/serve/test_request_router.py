@@ -70,12 +70,15 @@ def test_saturated_prefix_holder_is_passed_over() -> None:
     assert ranks[-1] == ["b"]  # still a last resort
 
 
-def test_a_saturated_holder_of_a_much_deeper_prefix_is_waited_for_a_little() -> None:
-    policy = RoutingPolicy(min_wait_blocks=4, max_affinity_wait_s=1.0)
+def test_a_saturated_holder_of_a_much_deeper_prefix_is_waited_for_as_long_as_a_prefill_elsewhere() -> None:
+    policy = RoutingPolicy(min_wait_blocks=4, wait_per_block_s=0.1, max_affinity_wait_s=3.0)
     replicas = [view("a", prefix_blocks=1), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
-    assert rank_replicas(replicas, 6, policy, waited_s=0.2) == [(["b"], "prefix_hit")]  # only b: Serve retries
-    assert first_choice(rank_ids(replicas, 6, policy, waited_s=1.0)) == ["a"]  # waited long enough: spill
+    assert rank_replicas(replicas, 6, policy, waited_s=0.4) == [(["b"], "prefix_hit")]  # only b: Serve retries
+    assert first_choice(rank_ids(replicas, 6, policy, waited_s=0.5)) == ["a"]  # 5 blocks' prefill waited: spill
     assert first_choice(rank_ids(replicas, 6, policy)) == ["a"]  # how long it waited is unknown: spill
+    deep = [view("a"), view("b", prefix_blocks=60, ongoing=8, max_ongoing=8)]
+    assert rank_replicas(deep, 60, policy, waited_s=2.9) == [(["b"], "prefix_hit")]
+    assert first_choice(rank_ids(deep, 60, policy, waited_s=3.0)) == ["a"]  # never past max_affinity_wait_s
 
 
 def test_a_saturated_holder_is_not_waited_for_when_the_match_is_shallow_or_its_queue_long() -> None:
@@ -236,7 +239,7 @@ def test_stale_stats_are_warned_about_once_per_episode(caplog: pytest.LogCapture
 
 
 def test_router_holds_a_request_for_the_saturated_deep_holder_only_briefly() -> None:
-    router = make_router(queue_lengths={"a": 0, "b": 8}, min_wait_blocks=4, max_affinity_wait_s=1.0)
+    router = make_router(queue_lengths={"a": 0, "b": 8}, min_wait_blocks=4, max_affinity_wait_s=1.0)  # 6 blocks
     replicas = [FakeReplica("a", stats()), FakeReplica("b", stats(hashes=HASHES))]
 
     def first(created_ago_s: float) -> list[str]:
