@@ -329,7 +329,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
              "predicted / actual hit tokens | requests (errors) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in results:
-        predicted = "—" if r["predicted_hit_tokens"] is None else f"{r['predicted_hit_tokens']:.0f} / {r['hit_tokens']}"
+        predicted = r["predicted_hit_tokens"]
+        predicted = "—" if predicted is None else f"{predicted:.0f} / {r['hit_tokens']}"
         lines.append(f"| {r['replicas']} | {r['router']} | {r['hit_rate']:.1%} | {r['ttft_p50_s']:.2f} | "
                      f"{r['ttft_p99_s']:.2f} | {r['output_tok_s']:.1f} | {r['imbalance']:.2f} | {predicted} | "
                      f"{r['requests']} ({r['errors']}) |")  # fmt: skip
@@ -352,8 +353,9 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
             pow2 = by_router["pow2"]["ttft_p99_s"]
             verdicts.append(f"{replicas} replicas: TTFT p99 {ours['ttft_p99_s']:.2f}s vs pow2 {pow2:.2f}s: "
                             f"{'met' if ours['ttft_p99_s'] <= pow2 else 'MISSED'}")  # fmt: skip
-        verdicts.append(f"{replicas} replicas: imbalance {ours['imbalance']:.2f} (≤ 1.5): "
-                        f"{'met' if ours['imbalance'] <= 1.5 else 'MISSED' if ours['imbalance'] == ours['imbalance'] else 'no saturated samples'}")  # fmt: skip
+        ratio = ours["imbalance"]
+        verdict = "no samples at saturation" if math.isnan(ratio) else "met" if ratio <= 1.5 else "MISSED"
+        verdicts.append(f"{replicas} replicas: imbalance {ratio:.2f} (≤ 1.5): {verdict}")
     return verdicts
 
 

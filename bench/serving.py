@@ -258,7 +258,8 @@ def run_serve(systems: list[str], plan: Plan, flops_per_tok: float, log_dir: Pat
 
 
 def _run_variant(cluster: ServeCluster, variant: str, workloads: list[tuple[str, tuple[int, ...]]],
-                 sampler: Poller[dict[str, Any]], results: dict[str, Any], plan: Plan, flops_per_tok: float) -> None:  # fmt: skip
+                 sampler: Poller[dict[str, Any]], results: dict[str, Any], plan: Plan,
+                 flops_per_tok: float) -> None:  # fmt: skip
     """The variant's workloads, each record with the KV statistics sampled during its level."""
     for workload_name, levels in workloads:
         before = _counters(cluster.replica_stats(variant))

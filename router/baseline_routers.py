@@ -1,4 +1,4 @@
-"""Request routers the routing benchmark (bench/routing.py) compares ours with; selectable with `AppArgs.request_router`.
+"""Routers the routing benchmark (bench/routing.py) compares ours with; chosen with `AppArgs.request_router`.
 
 - `RoundRobinRequestRouter`: each replica in turn, blind to load and prefixes (the floor).
 - `TokenPrefixCacheAffinityRouter`: Ray Serve LLM's `PrefixCacheAffinityRouter`, fed our requests. It matches the

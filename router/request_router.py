@@ -152,7 +152,9 @@ def rank_replicas(
     return ranked
 
 
-def _worth_waiting_for(holder: ReplicaView, replicas: list[ReplicaView], policy: RoutingPolicy, waited_s: float) -> bool:
+def _worth_waiting_for(
+    holder: ReplicaView, replicas: list[ReplicaView], policy: RoutingPolicy, waited_s: float
+) -> bool:
     """Whether to hold the request for the saturated replica holding its prefix much deeper than the rest."""
     if holder.stats is None or not _is_saturated(holder):
         return False
