@@ -245,7 +245,7 @@ class Deployment:
     kv_mib: int = 256
     max_model_len: int = 2048
 
-    def app_args(self, router_class: str) -> dict[str, Any]:
+    def app_args(self, router_class: str, router_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "model": self.model,
             "served_model_name": "bench",
@@ -257,6 +257,7 @@ class Deployment:
             "max_queued_requests": 1024,  # the clients are closed-loop: never refuse one of them
             "routing_stats_period_s": 0.5,
             "request_router": router_class,
+            "router": router_kwargs or {},
         }
 
 
@@ -281,14 +282,16 @@ class RouterResult:
 
 
 def run_router(name: str, deployment: Deployment, workload: Workload, words: list[str], users: int,
-               requests_per_user: int, http_port: int, metrics_port: int) -> RouterResult:  # fmt: skip
+               requests_per_user: int, http_port: int, metrics_port: int,
+               router_kwargs: dict[str, Any] | None = None) -> RouterResult:  # fmt: skip
     """Deploy the app with router `name`, drive the workload through it, collect the figures, delete the app."""
     from ray import serve
 
     from router.app import build_app
 
     app_name = f"routing-{name}-{deployment.replicas}"
-    serve.run(build_app(deployment.app_args(ROUTERS[name])), name=app_name, route_prefix=f"/{app_name}")
+    app = build_app(deployment.app_args(ROUTERS[name], router_kwargs))
+    serve.run(app, name=app_name, route_prefix=f"/{app_name}")
     url = f"http://127.0.0.1:{http_port}/{app_name}/v1/chat/completions"
     try:
         ready = httpx.post(url, json={"model": "bench", "messages": [{"role": "user", "content": "hi"}],
@@ -408,6 +411,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=4)
     parser.add_argument("--kv-mib", type=int, default=256, help="KV cache per replica, MiB")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ours-kwargs", type=json.loads, default={},
+                        help='JSON of KVAwareRequestRouter.initialize_state kwargs, e.g. \'{"max_imbalance": 2}\'')
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where routing[_quick].json/.md/.png go")
     args = parser.parse_args()
     replica_counts = args.replicas or ([2] if args.quick else [2, 4])
@@ -423,7 +428,7 @@ def main() -> None:
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
             "model": Path(args.model).resolve().name, "quick": args.quick, "requests_per_user": requests_per_user,
             "users_per_replica": args.users_per_replica, "workload": asdict(workload),
-            "max_num_seqs": args.max_num_seqs, "kv_mib": args.kv_mib}  # fmt: skip
+            "max_num_seqs": args.max_num_seqs, "kv_mib": args.kv_mib, "ours_kwargs": args.ours_kwargs}  # fmt: skip
     print(f"machine: {machine}\nmodel: {meta['model']}", flush=True)
     http_port, metrics_port = start_ray(num_cpus=max(8, 2 * max(replica_counts)))
     results: list[dict[str, Any]] = []
@@ -433,7 +438,8 @@ def main() -> None:
             deployment = Deployment(args.model, replicas, args.max_num_seqs, args.kv_mib)
             for router in args.routers:
                 result = run_router(router, deployment, workload, words, args.users_per_replica * replicas,
-                                    requests_per_user, http_port, metrics_port)  # fmt: skip
+                                    requests_per_user, http_port, metrics_port,
+                                    args.ours_kwargs if router == "ours" else None)  # fmt: skip
                 results.append(asdict(result))
                 print(markdown_table([results[-1]]).splitlines()[-1], flush=True)
     finally:
