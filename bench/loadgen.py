@@ -33,7 +33,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,24 @@ def parse_sse_line(line: str) -> dict[str, Any] | None:
     if payload == "[DONE]" or not payload:
         return None
     return json.loads(payload)
+
+
+class StreamError(Exception):
+    """A streamed request answered with an error status, or an error event in its stream."""
+
+
+async def sse_events(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of a streamed POST; StreamError for a non-200 answer or an error event."""
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise StreamError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            event = parse_sse_line(line)
+            if event is None:
+                continue
+            if "error" in event:
+                raise StreamError(str(event["error"]))
+            yield event
 
 
 async def send(client: httpx.AsyncClient, url: str, spec: RequestSpec, record: RequestRecord, t0: float) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import psutil
 
 
 def _cpuinfo() -> str:
@@ -22,3 +25,9 @@ def cpu_flags() -> list[str]:
 def cpu_model() -> str:
     text = _cpuinfo()
     return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+
+
+def machine_description() -> str:
+    """vCPUs, CPU model and flags, memory: the line every benchmark report starts with."""
+    return (f"{len(os.sched_getaffinity(0))} vCPUs ({cpu_model()}; flags {' '.join(cpu_flags())}), "
+            f"{psutil.virtual_memory().total / 1024**3:.0f} GiB, no GPU")  # fmt: skip

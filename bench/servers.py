@@ -17,9 +17,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import psutil
@@ -76,6 +77,38 @@ def stop_group(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
         except ProcessLookupError:
             pass
         process.wait(timeout=10)
+
+
+T = TypeVar("T")
+
+
+class Poller(Generic[T]):
+    """Calls `read` every `period_s` on a thread while the `with` block lasts, keeping what it returns (a failed or
+    None reading is skipped: a missed sample is fine)."""
+
+    def __init__(self, read: Callable[[], T | None], period_s: float = 0.5) -> None:
+        self.read, self.period_s = read, period_s
+        self.samples: list[T] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Poller[T]:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sample = self.read()
+            except Exception:  # noqa: BLE001 — a slow or failed answer on a loaded machine: skip this sample
+                sample = None
+            if sample is not None:
+                self.samples.append(sample)
+            self._stop.wait(self.period_s)
 
 
 def wait_until(check, timeout_s: float, what: str, process: subprocess.Popen | None = None,

@@ -21,11 +21,9 @@ import asyncio
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -48,9 +46,9 @@ from bench.loadgen import (
     shared_prefix_workload,
     word_vocabulary,
 )
-from bench.machine import cpu_flags
+from bench.machine import machine_description
 from bench.offline import flops_per_token, measure_gemm_peak
-from bench.servers import BaselineServer, ServeCluster
+from bench.servers import BaselineServer, Poller, ServeCluster
 from replicas.default_model import DEFAULT_MODEL_DIR
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -119,40 +117,22 @@ class Plan:
 # --- measurement ----------------------------------------------------------------------------------------------
 
 
-class KVSampler:
+def kv_sampler(cluster: ServeCluster, variant: str, period_s: float = 0.5) -> Poller[dict[str, Any]]:
     """Polls a Serve replica's stats every `period_s` on a thread: KV usage and slot efficiency over time."""
 
-    def __init__(self, cluster: ServeCluster, variant: str, period_s: float = 0.5) -> None:
-        self.cluster, self.variant, self.period_s = cluster, variant, period_s
-        self.samples: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def sample() -> dict[str, Any]:
+        stats = cluster.replica_stats(variant)
+        total = stats["num_total_blocks"] or 1
+        allocated = stats["kv_slots_allocated"]
+        return {
+            "t": time.time(),
+            "kv_usage": 1 - stats["num_free_blocks"] / total,
+            "kv_memory_efficiency": stats["kv_slots_live"] / allocated if allocated else None,
+            "num_running": stats["num_running"],
+            "num_waiting": stats["num_waiting"],
+        }
 
-    def __enter__(self) -> KVSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                stats = self.cluster.replica_stats(self.variant)
-            except Exception:  # noqa: BLE001 — a missed sample is fine
-                stats = None
-            if stats is not None:
-                total = stats["num_total_blocks"] or 1
-                allocated = stats["kv_slots_allocated"]
-                self.samples.append({
-                    "t": time.time(),
-                    "kv_usage": 1 - stats["num_free_blocks"] / total,
-                    "kv_memory_efficiency": stats["kv_slots_live"] / allocated if allocated else None,
-                    "num_running": stats["num_running"],
-                    "num_waiting": stats["num_waiting"],
-                })  # fmt: skip
-            self._stop.wait(self.period_s)
+    return Poller(sample, period_s)
 
 
 def kv_summary(samples: list[dict[str, Any]], start: float, end: float) -> dict[str, Any]:
@@ -261,7 +241,7 @@ def run_serve(systems: list[str], plan: Plan, flops_per_tok: float, log_dir: Pat
         for variant in variants:
             results[variant]["kv_budget_bytes"] = _kv_budget(cluster)
         for variant, workloads in _serve_schedule(variants, plan).items():
-            sampler = KVSampler(cluster, variant)
+            sampler = kv_sampler(cluster, variant)
             with sampler:
                 try:
                     _run_variant(cluster, variant, workloads, sampler, results[variant], plan, flops_per_tok)
@@ -278,7 +258,8 @@ def run_serve(systems: list[str], plan: Plan, flops_per_tok: float, log_dir: Pat
 
 
 def _run_variant(cluster: ServeCluster, variant: str, workloads: list[tuple[str, tuple[int, ...]]],
-                 sampler: KVSampler, results: dict[str, Any], plan: Plan, flops_per_tok: float) -> None:  # fmt: skip
+                 sampler: Poller[dict[str, Any]], results: dict[str, Any], plan: Plan,
+                 flops_per_tok: float) -> None:  # fmt: skip
     """The variant's workloads, each record with the KV statistics sampled during its level."""
     for workload_name, levels in workloads:
         before = _counters(cluster.replica_stats(variant))
@@ -597,19 +578,6 @@ def plot(results: dict[str, Any], output_dir: Path, suffix: str) -> list[Path]:
 
 
 # --- main -----------------------------------------------------------------------------------------------------
-
-
-def machine_description() -> str:
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{len(os.sched_getaffinity(0))} vCPUs ({model}; flags {' '.join(cpu_flags())}), "
-            f"{psutil.virtual_memory().total / GiB:.0f} GiB, no GPU")  # fmt: skip
 
 
 def _interrupt(signum: int, frame: object) -> None:

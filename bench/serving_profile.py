@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.loadgen import RequestSpec, mixed_workload, parse_sse_line, percentile, word_vocabulary
+from bench.loadgen import RequestSpec, StreamError, mixed_workload, percentile, sse_events, word_vocabulary
 from bench.servers import ServeCluster
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -106,17 +106,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, spec: RequestSpec, t0:
     record = StreamRecord(start=time.perf_counter() - t0)
     body = {"prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-            return record
-        async for line in response.aiter_lines():
-            event = parse_sse_line(line)
-            if event is None:
-                continue
-            if "error" in event:
-                record.error = str(event["error"])
-                return record
+    try:
+        async for event in sse_events(client, f"{url}/v1/completions", body):
             record.events += 1
             usage = event.get("usage") or {}
             tokens = usage.get("completion_tokens", record.tokens)
@@ -125,6 +116,9 @@ async def stream_one(client: httpx.AsyncClient, url: str, spec: RequestSpec, t0:
                 record.first_token = record.first_token if record.first_token is not None else now
                 record.arrivals.append((now, tokens))
                 record.tokens = tokens
+    except StreamError as error:
+        record.error = str(error)
+        return record
     record.end = time.perf_counter() - t0
     return record
 

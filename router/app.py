@@ -5,17 +5,20 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRouterConfig
+from ray.serve.request_router import RequestRouter
 
 from replicas.config import EngineConfig
 from replicas.deployment import DEFAULT_STREAM_MESSAGES_PER_S, LLMReplica
 from router.ingress import IngressConfig, OpenAIIngress
 
 DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
+KV_AWARE_ROUTER = "router.request_router:KVAwareRequestRouter"
 
 
 class AppArgs(BaseModel):
@@ -50,7 +53,11 @@ class AppArgs(BaseModel):
         description="most stream messages a replica sends per second over all its requests: with many streams "
         "open, each stream's deltas are merged over 1/(this/streams) s (None: one message per step per request)",
     )  # fmt: skip
-    router: dict[str, Any] = Field(default_factory=dict, description="KVAwareRequestRouter.initialize_state kwargs")
+    request_router: str = Field(
+        default=KV_AWARE_ROUTER, description="`module:Class` of the replicas' Serve RequestRouter (bench/routing.py "
+        "compares others: router/baseline_routers.py, Serve's PowerOfTwoChoicesRequestRouter)",
+    )  # fmt: skip
+    router: dict[str, Any] = Field(default_factory=dict, description="the request router's initialize_state kwargs")
     ingress: dict[str, Any] = Field(default_factory=dict, description="more IngressConfig fields (api_key, max_n...)")
 
     _engine_config: EngineConfig = PrivateAttr()
@@ -76,6 +83,21 @@ class AppArgs(BaseModel):
             config.num_threads = 1  # a fractional CPU: one torch thread, not as many as the node has cores
         self._engine_config = config
         return self
+
+    @field_validator("request_router")
+    @classmethod
+    def _request_router_imports(cls, path: str) -> str:
+        # NOTE: imported here, so a misspelt class fails `build_app` and not, later, every caller's first request.
+        module_name, _, class_name = path.partition(":")
+        if not module_name or not class_name:
+            raise ValueError(f"{path!r}: expected `module:Class`")
+        try:
+            router_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"{path!r} does not import: {error}") from None
+        if not (isinstance(router_class, type) and issubclass(router_class, RequestRouter)):
+            raise ValueError(f"{path!r} is not a ray.serve.request_router.RequestRouter")
+        return path
 
     @model_validator(mode="after")
     def _one_replica_count(self) -> AppArgs:
@@ -105,7 +127,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         actor_options["num_gpus"] = args.replica_num_gpus
     if args.replica_resources:
         actor_options["resources"] = dict(args.replica_resources)
-    router_kwargs = {"stats_stale_after_s": max(5.0, 5 * args.routing_stats_period_s), **args.router}
+    router_kwargs = dict(args.router)
+    if args.request_router == KV_AWARE_ROUTER:
+        router_kwargs = {"stats_stale_after_s": max(5.0, 5 * args.routing_stats_period_s), **router_kwargs}
     options: dict[str, Any] = {
         "ray_actor_options": actor_options,
         # NOTE: one slot per sequence the engine batches; requests beyond wait in the caller's queue (bounded
@@ -114,7 +138,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         "max_queued_requests": args.max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=args.retry_after_s),
         "request_router_config": RequestRouterConfig(
-            request_router_class="router.request_router:KVAwareRequestRouter",
+            request_router_class=args.request_router,
             request_router_kwargs=router_kwargs,
             request_routing_stats_period_s=args.routing_stats_period_s,
             request_routing_stats_timeout_s=max(10.0, 5 * args.routing_stats_period_s),

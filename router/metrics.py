@@ -7,6 +7,9 @@
   engine call, by why: `prefix_hit` (the replica holding the request's longest cached prefix), `least_loaded`
   (fewest waiting, most free KV blocks, from fresh replica stats) or `fallback` (stale stats: power of two
   choices; or only saturated replicas were left).
+- `paged_serve_router_routing_predicted_hit_tokens_total{application}`: prompt tokens the KV-aware router expected
+  the chosen replica's prefix cache to hold, summed over its routing decisions; compare with the replicas'
+  `paged_serve_prefix_cache_hits_total` (what they actually held) to see how well the router predicts.
 - `paged_serve_router_migrations_total{reason, application}`: requests resumed on another replica after the one
   serving them was lost (router/migration.py), by why: `actor_died`, `actor_unavailable`, `engine_dead`,
   `no_replica`; and `gave_up`: a lost request past its `max_migrations` or deadline, answered with the error.
@@ -50,6 +53,24 @@ def record_routing_decision(reason: str, application: str) -> None:
 
 
 @functools.cache
+def predicted_hit_tokens() -> Counter:
+    return Counter(
+        PREFIX + "routing_predicted_hit_tokens", "Prompt tokens the router expected the chosen replica to hold cached.",
+        tag_keys=("application",),
+    )  # fmt: skip
+
+
+def record_predicted_hit_tokens(tokens: int, application: str) -> None:
+    if tokens > 0:  # Ray's `inc` refuses 0
+        predicted_hit_tokens().inc(tokens, tags={"application": application})
+
+
+def start_predicted_hit_series(application: str) -> None:
+    """Export the predicted-hit count at 0 before the first hit, so the dashboard's rate is 0 rather than no data."""
+    _start_at_zero(predicted_hit_tokens(), {"application": application})
+
+
+@functools.cache
 def migrations() -> Counter:
     return Counter(
         PREFIX + "migrations", "Requests resumed on another replica after theirs was lost, by reason (gave_up: not).",
@@ -65,10 +86,14 @@ def start_migration_series() -> None:
     """Export every reason's migration count at 0 before the first migration (most runs see none), so the rate
     is defined and the dashboard shows 0 rather than no data. NOTE: Ray's `inc` refuses 0; `_record` is under it."""
     for reason in MIGRATION_REASONS:
-        try:
-            migrations()._record(0, tags={"reason": reason, "application": _application()})  # noqa: SLF001
-        except Exception:  # noqa: BLE001 — a Ray without it: the series appears at the first migration instead
-            logger.debug("could not start the migration counter at 0", exc_info=True)
+        _start_at_zero(migrations(), {"reason": reason, "application": _application()})
+
+
+def _start_at_zero(counter: Counter, tags: dict[str, str]) -> None:
+    try:
+        counter._record(0, tags=tags)  # noqa: SLF001
+    except Exception:  # noqa: BLE001 — a Ray without it: the series appears at the first increment instead
+        logger.debug("could not start %s at 0", counter.info.get("name", "a counter"), exc_info=True)
 
 
 class RequestMetricsMiddleware:

@@ -71,12 +71,20 @@ def test_rates_use_grafanas_rate_interval(dashboard: dict) -> None:
         (("router decisions",), "ray_paged_serve_router_routing_decisions_total"),
         (("error rate",), "ray_paged_serve_router_requests_total"),
         (("migrations",), "ray_paged_serve_router_migrations_total"),
+        (("predicted", "actual"), "ray_paged_serve_router_routing_predicted_hit_tokens_total"),
     ],
 )
 def test_dashboard_has_each_panel_operators_asked_for(dashboard: dict, title_words: tuple, metric: str) -> None:
     matching = [panel for panel in panels(dashboard) if all(word in panel["title"].lower() for word in title_words)]
     assert matching, title_words
     assert any(metric in metric_names(target["expr"]) for panel in matching for target in panel["targets"])
+
+
+def test_predicted_hit_tokens_are_shown_next_to_the_actual_hits(dashboard: dict) -> None:
+    (panel,) = [panel for panel in panels(dashboard) if "predicted vs actual" in panel["title"].lower()]
+    by_legend = {target["legendFormat"]: metric_names(target["expr"]) for target in panel["targets"]}
+    assert by_legend == {"predicted": {"ray_paged_serve_router_routing_predicted_hit_tokens_total"},
+                         "actual": {"ray_paged_serve_prefix_cache_hits_total"}}  # fmt: skip
 
 
 def test_latency_panels_show_p50_p95_p99(dashboard: dict) -> None:

@@ -56,3 +56,40 @@ def test_replica_slots_are_the_engines_max_num_seqs(default_model_dir: Path, eng
 def test_fractional_cpu_replicas_run_one_engine_thread(default_model_dir: Path) -> None:
     (engine_config,) = replica_deployment({"model": str(default_model_dir), "replica_num_cpus": 0.5}).init_args
     assert engine_config["num_threads"] == 1
+
+
+def router_config(args: dict[str, Any]) -> Any:
+    return replica_deployment(args)._deployment_config.request_router_config
+
+
+def test_the_kv_aware_router_is_the_default(default_model_dir: Path) -> None:
+    config = router_config({"model": str(default_model_dir)})
+    assert config.request_router_class == "router.request_router:KVAwareRequestRouter"
+    assert "stats_stale_after_s" in config.request_router_kwargs
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+        "router.baseline_routers:RoundRobinRequestRouter",
+        "router.baseline_routers:TokenPrefixCacheAffinityRouter",
+    ],
+)
+def test_another_request_router_can_be_chosen(default_model_dir: Path, path: str) -> None:
+    config = router_config({"model": str(default_model_dir), "request_router": path})
+    assert config.request_router_class == path
+    assert config.request_router_kwargs == {}  # ours' kwargs are not passed to another class
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("router.request_router.KVAwareRequestRouter", "expected `module:Class`"),
+        ("router.request_router:NoSuchRouter", "does not import"),
+        ("router.app:AppArgs", "is not a ray.serve.request_router.RequestRouter"),
+    ],
+)
+def test_a_bad_request_router_fails_when_the_args_load(default_model_dir: Path, path: str, problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        AppArgs.model_validate({"model": str(default_model_dir), "request_router": path})

@@ -70,6 +70,27 @@ def test_saturated_prefix_holder_is_passed_over() -> None:
     assert ranks[-1] == ["b"]  # still a last resort
 
 
+def test_a_saturated_holder_of_a_much_deeper_prefix_is_waited_for_as_long_as_a_prefill_elsewhere() -> None:
+    policy = RoutingPolicy(min_wait_blocks=4, wait_per_block_s=0.1, max_affinity_wait_s=3.0)
+    replicas = [view("a", prefix_blocks=1), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
+    assert rank_replicas(replicas, 6, policy, waited_s=0.4) == [(["b"], "prefix_hit")]  # only b: Serve retries
+    assert first_choice(rank_ids(replicas, 6, policy, waited_s=0.5)) == ["a"]  # 5 blocks' prefill waited: spill
+    assert first_choice(rank_ids(replicas, 6, policy)) == ["a"]  # how long it waited is unknown: spill
+    deep = [view("a"), view("b", prefix_blocks=60, ongoing=8, max_ongoing=8)]
+    assert rank_replicas(deep, 60, policy, waited_s=2.9) == [(["b"], "prefix_hit")]
+    assert first_choice(rank_ids(deep, 60, policy, waited_s=3.0)) == ["a"]  # never past max_affinity_wait_s
+
+
+def test_a_saturated_holder_is_not_waited_for_when_the_match_is_shallow_or_its_queue_long() -> None:
+    policy = RoutingPolicy(min_wait_blocks=4, max_waiting_for_affinity=2)
+    shallow = [view("a", prefix_blocks=3), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
+    assert first_choice(rank_ids(shallow, 6, policy, waited_s=0.0)) == ["a"]
+    queued = [view("a"), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8, waiting=3)]
+    assert first_choice(rank_ids(queued, 6, policy, waited_s=0.0)) == ["a"]
+    stale = [view("a"), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8, fresh=False)]
+    assert first_choice(rank_ids(stale, 6, policy, waited_s=0.0)) == ["a"]
+
+
 def test_prefix_holder_with_a_long_queue_is_passed_over() -> None:
     replicas = [view("a"), view("b", prefix_blocks=6, waiting=9)]
     assert first_choice(rank_ids(replicas, 6, RoutingPolicy(max_waiting_for_affinity=8))) == ["a"]
@@ -100,6 +121,16 @@ def test_stale_stats_fall_back_to_power_of_two_choices() -> None:
     ranks = rank_ids(replicas, 0, rng=random.Random(0))
     assert len(ranks[0]) == 2  # Serve picks the one of the pair with fewer ongoing requests
     assert sorted(sum(ranks, [])) == ["a", "b", "c", "d"]
+
+
+def test_of_equally_deep_holders_the_shorter_queue_wins() -> None:
+    replicas = [view("a", prefix_blocks=4, ongoing=3), view("b", prefix_blocks=4, ongoing=1), view("c", ongoing=0)]
+    assert rank_replicas(replicas, 6)[0] == (["b"], "prefix_hit")
+
+
+def test_a_prefix_every_replica_holds_is_no_reason_to_prefer_one() -> None:
+    replicas = [view("a", prefix_blocks=2, free=10), view("b", prefix_blocks=2, free=90)]
+    assert rank_replicas(replicas, 6)[0] == (["b"], "least_loaded")
 
 
 def test_ties_are_broken_at_random() -> None:
@@ -140,12 +171,13 @@ class FakePendingRequest:
     kwargs: dict[str, Any]
     args: list[Any] = field(default_factory=list)
     routing_context: Any = field(default_factory=lambda: type("Context", (), {"should_backoff": False})())
+    created_at: float | None = None  # when Serve queued it (None: unknown)
 
 
-def make_router(queue_lengths: dict[str, int] | None = None) -> KVAwareRequestRouter:
+def make_router(queue_lengths: dict[str, int] | None = None, **state: Any) -> KVAwareRequestRouter:
     """The router's policy state without Serve's routing machinery (which needs a running controller)."""
     router = KVAwareRequestRouter.__new__(KVAwareRequestRouter)
-    router.initialize_state()
+    router.initialize_state(**state)
     router._replica_queue_len_cache = FakeQueueLengths(queue_lengths or {})
     return router
 
@@ -187,7 +219,7 @@ def test_a_report_that_does_not_parse_counts_as_missing_and_is_logged_once(caplo
     with caplog.at_level(logging.ERROR, logger="router.request_router"):
         ranks = choose(router, replicas, [])
         choose(router, replicas, [])
-    assert len(ranks[0]) == 2  # no fresh stats for "a": power of two choices, not a ranking on zeros
+    assert ranks == [["b"], ["a"]]  # no fresh stats for "a": a last resort after "b", not a ranking on zeros
     errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
     assert len(errors) == 1 and "replica a" in errors[0] and "free_blocks" in errors[0]
 
@@ -204,3 +236,15 @@ def test_stale_stats_are_warned_about_once_per_episode(caplog: pytest.LogCapture
         choose(router, [replica], [])
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("replica a" in warning and "old" in warning for warning in warnings)
+
+
+def test_router_holds_a_request_for_the_saturated_deep_holder_only_briefly() -> None:
+    router = make_router(queue_lengths={"a": 0, "b": 8}, min_wait_blocks=4, max_affinity_wait_s=1.0)  # 6 blocks
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats(hashes=HASHES))]
+
+    def first(created_ago_s: float) -> list[str]:
+        pending = FakePendingRequest({"prefix_hashes": HASHES}, created_at=time.time() - created_ago_s)
+        return [replica.name for replica in asyncio.run(router.choose_replicas(replicas, pending))[0]]
+
+    assert first(0.0) == ["b"]
+    assert first(5.0) == ["a"]
