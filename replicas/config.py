@@ -56,6 +56,12 @@ class EngineConfig(BaseModel):
         description="`contiguous` reserves max_model_len slots per sequence at admission (the traditional scheme; "
         "for benchmarks that isolate the gain of paging)",
     )
+    compile: bool = Field(
+        default_factory=lambda: os.environ.get("PAGED_SERVE_COMPILE", "1") != "0",
+        description="CPU: torch.compile the decoder layers (Inductor C++; fused elementwise ops), compiled at "
+        "start-up and cached on disk. Default true; the environment variable PAGED_SERVE_COMPILE=0 changes the "
+        "default (the test suite sets it, so only the tests that ask for it compile)",
+    )
     seed: int = 0
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; default: the CPUs given")
     max_stop_strings: int = Field(default=16, ge=0)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig
 
 import kernels
+from replicas import compilation
 from replicas.config import EngineConfig, EngineConfigError
 from replicas.input_batch import InputBatch, PromptLogitsSpan, StepInputs
 from replicas.models import load_model
@@ -107,6 +108,11 @@ class ModelRunner:
             self.backend.name,
         )
         self.input_batch = InputBatch(config.max_num_seqs, self.max_model_len, config.block_size)
+        self.compiled = config.compile and self.device.type == "cpu"
+        if self.compiled:
+            compilation.compile_layers(self.model)
+            seconds = compilation.warm_up(self.model, self.device, self.key_caches[0])
+            logger.info("compiled the decoder layers (dynamic token count, one graph) in %.1f s", seconds)
 
     @property
     def vocab_size(self) -> int:
