@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "2")))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiling costs seconds per engine (tiny models included): only the tests that ask for `compile=True` compile.
+os.environ.setdefault("PAGED_SERVE_COMPILE", "0")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
