@@ -3,6 +3,8 @@
     python -m bench.offline [--model DIR] [--quick]
     python -m bench.offline --tiny     # a seeded 4-layer, 64-wide Llama, 24 requests: the engine's own overhead
     python -m bench.offline --profile  # a decode-only step by op, per attention backend (bench/decode_profile.py)
+    python -m bench.offline --compile-ab          # also the mixed workload with EngineConfig.compile flipped
+    python -m bench.offline --dtype bfloat16      # bf16 weights, % of a bf16 GEMM peak
 
 Prints tok/s and ratios, the engine's pure-decode FLOP/s as a fraction of this machine's measured fp32 GEMM peak,
 and the share of step time spent outside the model (scheduler, block manager, sampler, output processing).
