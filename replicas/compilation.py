@@ -36,8 +36,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def compile_layers(model: nn.Module) -> None:
     """Make each decoder layer call one shared compiled forward (compiled on its first call)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # NOTE: Inductor's default is /tmp/torchinductor_<user>, which a reboot clears; restarts should stay warm.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # NOTE: Inductor's default is /tmp/torchinductor_<user>, which a reboot clears; restarts should stay warm. Inductor
+    # writes its default into the environment on first use (which may come before this), so that counts as unset.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(DEFAULT_CACHE_DIR)
     # NOTE: without this, a step of 1 token (or 1 sequence, or 1 block) specializes to size 1 and compiles again.
     torch.fx.experimental._config.backed_size_oblivious = True

@@ -3,24 +3,26 @@ whole decoder layer around it instead of breaking the graph at the backend's Pyt
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from kernels import AttentionBackend
 
-# Backend instances by key: a custom op takes tensors and scalars only, so a layer passes its backend's key.
-_BACKENDS: dict[int, AttentionBackend] = {}
+# Live backend instances by key: a custom op takes tensors and scalars only, so a layer passes its backend's key,
+# as a 0-dim tensor, so that the compiled graph does not depend on which engine runs it (one compile per process,
+# the same on-disk cache entry in every process). Weak: a dropped engine's backend is not kept alive here.
+_BACKENDS: weakref.WeakValueDictionary[int, AttentionBackend] = weakref.WeakValueDictionary()
 
 
-def register_backend(backend: AttentionBackend) -> int:
-    """The key compiled layers pass to `paged::attention` for this backend instance (kept for the process's life)."""
-    # NOTE: the key is a constant in the compiled graph, so it must not vary between runs (an id() would), or
-    # Inductor's on-disk cache would miss on every restart: registration order keeps it 0 for a replica's engine.
+def register_backend(backend: AttentionBackend) -> torch.Tensor:
+    """The key compiled layers pass to `paged::attention` for this backend instance (the lowest free one)."""
     for key, known in _BACKENDS.items():
         if known is backend:
-            return key
-    key = len(_BACKENDS)
+            return torch.tensor(key)
+    key = next(k for k in range(len(_BACKENDS) + 1) if k not in _BACKENDS)
     _BACKENDS[key] = backend
-    return key
+    return torch.tensor(key)
 
 
 @torch.library.custom_op("paged::attention", mutates_args=("key_cache", "value_cache"))
@@ -36,10 +38,10 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int,
-    backend_key: int,
+    backend_key: torch.Tensor,
 ) -> torch.Tensor:
     """Write the step's K/V into the layer's cache, then attend; `sliding_window` 0 means none."""
-    backend = _BACKENDS[backend_key]
+    backend = _BACKENDS[int(backend_key)]
     backend.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
     out = backend.paged_attention(
         query, key_cache, value_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window=sliding_window or None

@@ -40,7 +40,7 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.sliding_window = sliding_window
         self.backend: AttentionBackend | None = None
-        self.backend_key = 0  # the backend's key for the `paged::attention` op (compiled forwards call it)
+        self.backend_key = torch.tensor(0)  # the backend's key for the `paged::attention` op (compiled forwards)
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
 
