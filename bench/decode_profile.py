@@ -1,6 +1,7 @@
 """Where a decode-only step's time goes, per attention backend: `python -m bench.offline --profile`.
 
     python -m bench.offline --profile [--batch 64] [--context 300] [--steps 8] [--backends torch,cpu_fused]
+    python -m bench.offline --profile --backends cpu_fused+eager,cpu_fused+compile   # EngineConfig.compile A/B
 
 For each backend: an engine on the model, `batch` requests with `context`-token prompts prefilled, then `steps`
 decode-only steps timed with their attention calls (`paged_attention`, `write_kv_cache`, every layer) timed inside
@@ -45,10 +46,13 @@ class AttentionTimer:
 
 
 def profile_backend(model: Path, backend: str, batch: int, context: int, steps: int, threads: int | None) -> dict:
+    label = backend
+    backend, _, mode = backend.partition("+")  # `cpu_fused+eager` / `+compile`: EngineConfig.compile off / on
     backend, _, kv_cache_dtype = backend.partition(":")  # `cpu_fused:bfloat16`: with a 16-bit KV cache
+    compile_kwargs = {"compile": mode == "compile"} if mode else {}
     llm = LLM(str(model), attention_backend=backend, num_threads=threads, max_num_seqs=batch, max_model_len=2048,
               max_num_batched_tokens=4096, kv_cache_memory_bytes=2 * 1024**3,
-              kv_cache_dtype=kv_cache_dtype or "auto")  # fmt: skip
+              kv_cache_dtype=kv_cache_dtype or "auto", dtype="float32", **compile_kwargs)  # fmt: skip
     engine = llm.engine
     assert engine.model_runner.backend.name == backend, engine.model_runner.backend.name
     torch.set_num_threads(engine.config.resolved_num_threads())
@@ -74,7 +78,8 @@ def profile_backend(model: Path, backend: str, batch: int, context: int, steps: 
         engine.abort(request_id)
     shares = [a / s for a, s in zip(attention_s, step_s)]
     return {
-        "backend": backend + (f":{kv_cache_dtype}" if kv_cache_dtype else ""),
+        "backend": label,
+        "compile": engine.config.compile,
         "batch": batch,
         "context": context,
         "threads": torch.get_num_threads(),

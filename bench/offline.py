@@ -3,6 +3,8 @@
     python -m bench.offline [--model DIR] [--quick]
     python -m bench.offline --tiny     # a seeded 4-layer, 64-wide Llama, 24 requests: the engine's own overhead
     python -m bench.offline --profile  # a decode-only step by op, per attention backend (bench/decode_profile.py)
+    python -m bench.offline --compile-ab          # also the mixed workload with EngineConfig.compile flipped
+    python -m bench.offline --dtype bfloat16      # bf16 weights, % of a bf16 GEMM peak
 
 Prints tok/s and ratios, the engine's pure-decode FLOP/s as a fraction of this machine's measured fp32 GEMM peak,
 and the share of step time spent outside the model (scheduler, block manager, sampler, output processing).
@@ -24,7 +26,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from bench.machine import cpu_flags, cpu_model
 from replicas import LLM, LLMEngine, SamplingParams
+from replicas.model_runner import cpu_has_bf16_compute
 from replicas.default_model import DEFAULT_MODEL_DIR
 from replicas.models.packed_linear import PackedLinear
 
@@ -46,9 +50,9 @@ def make_workload(num_requests: int, seed: int, vocab_size: int) -> list[Request
     ]
 
 
-def measure_gemm_peak(size: int = 2048, repeats: int = 5) -> float:
-    """Best observed fp32 GEMM FLOP/s on this machine with the current torch thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def measure_gemm_peak(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best observed GEMM FLOP/s of `dtype` on this machine with the current torch thread count."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(repeats):
@@ -79,10 +83,10 @@ def workload_flops(model: torch.nn.Module, hf_config: object, workload: list[Req
     return total
 
 
-def run_hf_sequential(model_dir: Path, workload: list[Request]) -> tuple[int, float]:
+def run_hf_sequential(model_dir: Path, workload: list[Request], dtype: torch.dtype = torch.float32) -> tuple[int, float]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     tokens = 0
     start = time.perf_counter()
     with torch.inference_mode():
@@ -96,11 +100,13 @@ def run_hf_sequential(model_dir: Path, workload: list[Request]) -> tuple[int, fl
     return tokens, time.perf_counter() - start
 
 
-def run_hf_static_batches(model_dir: Path, workload: list[Request], batch_size: int) -> tuple[int, float]:
+def run_hf_static_batches(
+    model_dir: Path, workload: list[Request], batch_size: int, dtype: torch.dtype = torch.float32
+) -> tuple[int, float]:
     """The seed's static batching: pad a batch, generate until its longest request is done; count useful tokens."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     tokens = 0
     start = time.perf_counter()
     batches = [workload[i : i + batch_size] for i in range(0, len(workload), batch_size)]
@@ -197,6 +203,32 @@ def measure_decode(llm: LLM, batch_size: int, prompt_len: int, num_steps: int, p
     }
 
 
+def compile_ab(args: argparse.Namespace, llm: LLM, workload: list[Request], reference: list[list[int]],
+               flops: float, peak: float) -> dict[str, object]:  # fmt: skip
+    """The mixed workload with `compile` flipped, run alternately with the first engine (2 runs each), so a loaded
+    machine's drift hits both alike: tok/s of each, their ratio, and greedy agreement with the first run."""
+    other = not llm.engine.config.compile
+    start = time.perf_counter()
+    other_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
+                    kv_cache_memory_bytes=3 * 1024**3, dtype=args.dtype, compile=other)  # fmt: skip
+    print(f"engine with compile={other} ready in {time.perf_counter() - start:.1f} s")
+    tok_s: dict[bool, list[float]] = {True: [], False: []}
+    other_outputs: list[list[int]] = []
+    for _ in range(2):
+        for engine_llm, compiled in ((other_llm, other), (llm, not other)):
+            tokens, elapsed, _ = run_engine(engine_llm, workload, other_outputs if compiled == other else None)
+            tok_s[compiled].append(tokens / elapsed)
+    agreement = greedy_agreement(reference, other_outputs[: len(workload)])
+    compiled_tok_s, eager_tok_s = max(tok_s[True]), max(tok_s[False])
+    print(f"compile A/B on the mixed workload (best of 2, interleaved): compiled {compiled_tok_s:.1f} tok/s = "
+          f"{flops * compiled_tok_s / sum(r.max_tokens for r in workload) / peak:.0%} of the GEMM peak, eager "
+          f"{eager_tok_s:.1f} tok/s; compiled / eager {compiled_tok_s / eager_tok_s:.3f}; greedy outputs identical "
+          f"{agreement['identical_outputs']:.1%}")  # fmt: skip
+    del other_llm
+    return {"compiled_tok_s": tok_s[True], "eager_tok_s": tok_s[False], "ratio": compiled_tok_s / eager_tok_s,
+            **agreement}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
@@ -217,6 +249,12 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,cpu_fused", help="--profile: comma-separated backends")
     parser.add_argument("--prepack-ab", action="store_true",
                         help="also run the mixed workload on plain (unpacked) Linear weights and print the ratio")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights and compute of the engine and HF (pinned, not `auto`: the figures compare with "
+                             "HF); bfloat16 prints %% of a bf16 GEMM peak")
+    parser.add_argument("--compile-ab", action="store_true",
+                        help="also run the mixed workload with EngineConfig.compile flipped, interleaved twice: the "
+                             "tok/s ratio and greedy agreement")
     parser.add_argument("--kv-cache-dtype", default=None, choices=["bfloat16", "float16"],
                         help="also run the workload with this 16-bit KV cache: throughput and greedy agreement")
     args = parser.parse_args()
@@ -232,18 +270,23 @@ def main() -> None:
         args.num_requests, args.naive_subset = 16, 4
 
     # max_num_seqs 128 for the pure-decode measurement; the mixed workload has 64 requests.
+    dtype = getattr(torch, args.dtype)
     llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
-              kv_cache_memory_bytes=3 * 1024**3)
+              kv_cache_memory_bytes=3 * 1024**3, dtype=args.dtype)  # fmt: skip
     torch.set_num_threads(llm.engine.config.resolved_num_threads())
     threads = torch.get_num_threads()
     workload = make_workload(args.num_requests, args.seed, llm.engine.vocab_size)
     print(f"machine: {threads} torch threads, CPU only (no GPU); model {args.model.name}; "
           f"{len(workload)} requests, prompts 32-256, outputs 16-128 tokens, greedy")
-    peak = measure_gemm_peak()
-    print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s")
+    print(f"cpu: {cpu_model()}; flags {' '.join(cpu_flags())}; compile {llm.engine.config.compile}")
+    if dtype == torch.bfloat16 and not cpu_has_bf16_compute():
+        print("no avx512_bf16 here: bf16 GEMMs are emulated through fp32 (slow); the figures show what that costs")
+    peak = measure_gemm_peak(dtype=dtype)
+    print(f"measured {args.dtype} GEMM peak: {peak / 1e9:.1f} GFLOP/s")
 
     results: dict[str, object] = {"threads": threads, "gemm_peak_gflops": peak / 1e9, "num_requests": len(workload),
-                                  "attention_backend": llm.engine.model_runner.backend.name}  # fmt: skip
+                                  "attention_backend": llm.engine.model_runner.backend.name, "dtype": args.dtype,
+                                  "compile": llm.engine.config.compile, "cpu_flags": cpu_flags()}  # fmt: skip
     reference: list[list[int]] = []
     tokens, elapsed, split = run_engine(llm, workload, reference)
     engine_tok_s = tokens / elapsed
@@ -251,7 +294,7 @@ def main() -> None:
     results["engine"] = {"tokens": tokens, "seconds": elapsed, "tok_s": engine_tok_s, **split,
                          "gflops": flops / elapsed / 1e9, "fraction_of_gemm_peak": flops / elapsed / peak}  # fmt: skip
     print(f"engine on the mixed workload: {engine_tok_s:.1f} tok/s, {flops / elapsed / 1e9:.1f} GFLOP/s = "
-          f"{flops / elapsed / peak:.0%} of the measured fp32 GEMM peak ({peak / 1e9:.1f} GFLOP/s; 2 x parameters "
+          f"{flops / elapsed / peak:.0%} of the measured {args.dtype} GEMM peak ({peak / 1e9:.1f} GFLOP/s; 2 x parameters "
           f"per computed prompt and output token + attention)")  # fmt: skip
     if args.prepack_ab:
         plain_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
@@ -266,6 +309,8 @@ def main() -> None:
               f"{engine_tok_s / (plain_tokens / plain_elapsed):.2f}x; {agreement['identical_outputs']:.1%} of "
               f"outputs identical")  # fmt: skip
         del plain_llm
+    if args.compile_ab:
+        results["compile_ab"] = compile_ab(args, llm, workload, reference, flops, peak)
     if args.kv_cache_dtype:
         kv_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
                      kv_cache_memory_bytes=3 * 1024**3, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
@@ -280,11 +325,11 @@ def main() -> None:
               f"first difference, {agreement['identical_outputs']:.1%} of outputs identical")  # fmt: skip
         del kv_llm
 
-    static_tokens, static_s = run_hf_static_batches(args.model, workload, args.static_batch_size)
+    static_tokens, static_s = run_hf_static_batches(args.model, workload, args.static_batch_size, dtype)
     static_tok_s = static_tokens / static_s
     results["hf_static"] = {"tokens": static_tokens, "seconds": static_s, "tok_s": static_tok_s}
 
-    naive_tokens, naive_s = run_hf_sequential(args.model, workload[: args.naive_subset])
+    naive_tokens, naive_s = run_hf_sequential(args.model, workload[: args.naive_subset], dtype)
     naive_tok_s = naive_tokens / naive_s
     results["hf_sequential"] = {"tokens": naive_tokens, "seconds": naive_s, "tok_s": naive_tok_s,
                                 "subset": args.naive_subset}

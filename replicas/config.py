@@ -61,6 +61,12 @@ class EngineConfig(BaseModel):
         description="CPU, float32: Linear weights reordered once at load into oneDNN's blocked layout (faster "
         "skinny GEMMs than MKL on the plain layout); false: plain weights",
     )
+    compile: bool = Field(
+        default=False,
+        description="CPU: torch.compile the decoder layers (Inductor C++; fused elementwise ops), compiled at "
+        "start-up and cached on disk. Opt-in: on this project's 2-vCPU machine it measured within noise of eager "
+        "(README), outputs may differ from eager at near-ties, and a cold start compiles for ~30 s",
+    )
     seed: int = 0
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; default: the CPUs given")
     max_stop_strings: int = Field(default=16, ge=0)

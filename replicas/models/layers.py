@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import AttentionBackend
+from replicas.models import attention_op
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -39,16 +40,24 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.sliding_window = sliding_window
         self.backend: AttentionBackend | None = None
+        self.backend_key = torch.tensor(0)  # the backend's key for the `paged::attention` op (compiled forwards)
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
 
     def bind(self, backend: AttentionBackend, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         self.backend, self.key_cache, self.value_cache = backend, key_cache, value_cache
+        self.backend_key = attention_op.register_backend(backend)
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         assert self.backend is not None, "the model runner binds the KV cache before the first step"
+        if torch.compiler.is_compiling():
+            # One opaque op for dynamo (the backend is Python the graph cannot hold); eager calls skip its dispatch.
+            return torch.ops.paged.attention(
+                query, key, value, self.key_cache, self.value_cache, metadata.slot_mapping, metadata.query_start_loc,
+                metadata.seq_lens, metadata.block_tables, self.scale, self.sliding_window or 0, self.backend_key,
+            )  # fmt: skip
         self.backend.write_kv_cache(key, value, self.key_cache, self.value_cache, metadata.slot_mapping)
         return self.backend.paged_attention(
             query,

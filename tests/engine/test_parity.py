@@ -10,29 +10,40 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.helpers import generate_greedy, greedy, hf_greedy, make_engine, random_prompts, run_to_completion
+from tests.engine.helpers import assert_greedy_matches_up_to_ties, generate_greedy, greedy, hf_greedy, make_engine, random_prompts, run_to_completion
 
 
 CPU_BACKENDS = ["torch", "cpu_fused"]
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_tiny_llama_batch_of_mixed_prompts_matches_transformers(tiny_llama_dir: Path, backend: str) -> None:
+def test_tiny_llama_batch_of_mixed_prompts_matches_transformers(tiny_llama_dir: Path, backend: str, compile: bool) -> None:
     prompts = random_prompts(16, 1, 90, seed=1)
     expected = hf_greedy(tiny_llama_dir, prompts, max_new_tokens=24)
-    tokens, engine = generate_greedy(tiny_llama_dir, prompts, 24, attention_backend=backend)
+    tokens, engine = generate_greedy(tiny_llama_dir, prompts, 24, attention_backend=backend, compile=compile)
     assert engine.model_runner.backend.name == backend
-    assert tokens == expected
+    assert engine.model_runner.compiled == compile
+    if compile:
+        assert_greedy_matches_up_to_ties(tiny_llama_dir, prompts, tokens, expected)
+    else:
+        assert tokens == expected
 
 
-def test_cpu_fused_chunked_prefill_next_to_decodes_matches_transformers(tiny_llama_dir: Path) -> None:
-    """A 24-token budget cuts prompts into chunks that share steps with other sequences' decodes."""
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cpu_fused_chunked_prefill_next_to_decodes_matches_transformers(tiny_llama_dir: Path, compile: bool) -> None:
+    """A 24-token budget cuts prompts into chunks that share steps with other sequences' decodes (every step a
+    different token count: the compiled graph's dynamic size)."""
     prompts = random_prompts(6, 30, 120, seed=7)
     expected = hf_greedy(tiny_llama_dir, prompts, max_new_tokens=16)
     tokens, _ = generate_greedy(
-        tiny_llama_dir, prompts, 16, attention_backend="cpu_fused", max_num_batched_tokens=24, max_num_seqs=4
-    )
-    assert tokens == expected
+        tiny_llama_dir, prompts, 16, attention_backend="cpu_fused", max_num_batched_tokens=24, max_num_seqs=4,
+        compile=compile,
+    )  # fmt: skip
+    if compile:
+        assert_greedy_matches_up_to_ties(tiny_llama_dir, prompts, tokens, expected)
+    else:
+        assert tokens == expected
 
 
 def test_untied_embeddings_and_llama3_rope_match_transformers(tmp_path: Path, default_model_dir: Path) -> None:
