@@ -59,7 +59,7 @@ class EngineConfig(BaseModel):
     prepack_weights: bool = Field(
         default=True,
         description="CPU, float32: Linear weights reordered once at load into oneDNN's blocked layout (faster "
-        "skinny GEMMs than MKL on the plain layout); false: plain weights",
+        "skinny GEMMs than MKL on the plain layout); false: plain weights. Eager only: `compile` keeps plain weights",
     )
     compile: bool = Field(
         default=False,

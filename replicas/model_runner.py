@@ -97,7 +97,9 @@ class ModelRunner:
                 f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {max_position}"
             )
         self.model = load_model(config.model, self.hf_config, self.dtype, self.device, max(self.max_model_len, 1))
-        if config.prepack_weights and can_prepack(self.device, self.dtype):
+        # NOTE: not under compile: Dynamo cannot trace oneDNN's opaque packed tensors, and Inductor's own packing
+        # (freezing) measured slower here (README, "Compiled layers").
+        if config.prepack_weights and not config.compile and can_prepack(self.device, self.dtype):
             prepack_linears(self.model)
         self.backend = kernels.load_backend(config.attention_backend, self.device)
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else _DTYPES[config.kv_cache_dtype]
