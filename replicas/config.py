@@ -57,9 +57,10 @@ class EngineConfig(BaseModel):
         "for benchmarks that isolate the gain of paging)",
     )
     prepack_weights: bool = Field(
-        default=True,
-        description="CPU, float32: Linear weights reordered once at load into oneDNN's blocked layout (faster "
-        "skinny GEMMs than MKL on the plain layout); false: plain weights. Eager only: `compile` keeps plain weights",
+        default=False,
+        description="CPU, float32, eager: Linear weights reordered once at load into oneDNN's blocked layout (faster "
+        "skinny GEMMs than MKL on the plain layout at some sizes). Opt-in: oneDNN keeps memory per distinct token "
+        "count, so a replica's RSS grows by hundreds of MiB over its first minutes (README)",
     )
     compile: bool = Field(
         default=False,

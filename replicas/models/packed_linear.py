@@ -3,6 +3,8 @@
 MKL multiplies the plain `[out, in]` weight and splits skinny GEMMs (decode steps: M <= 64 rows) poorly over
 threads; oneDNN's `_linear_pointwise` on a weight packed once at load runs them faster on the same cores
 (measured by `python -m bench.offline --prepack-ab`). It is the packing Inductor's freezing does, without a compile.
+NOTE: opt-in (`EngineConfig.prepack_weights`): oneDNN creates and caches a primitive per distinct row count, with
+memory of its own; a replica serving varied step sizes grew by ~400 MiB over its first thousand requests (bench.soak).
 """
 
 from __future__ import annotations
