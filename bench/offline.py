@@ -161,6 +161,17 @@ def run_engine(llm: LLM, workload: list[Request],
     return tokens, elapsed, {"model_s": model_time[0], "engine_overhead_s": elapsed - model_time[0]}
 
 
+def workload_llm(args: argparse.Namespace, **overrides: object) -> LLM:
+    """An engine for the mixed workload, warmed up on other prompts of the same shape. NOTE: prefix caching is off:
+    an engine runs the workload more than once (A/B), and a later run would find its prompts cached and skip their
+    prefill; the workload's random prompts share nothing, so a single run loses nothing by it."""
+    llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
+              kv_cache_memory_bytes=3 * 1024**3, dtype=args.dtype, enable_prefix_caching=False,
+              **overrides)  # fmt: skip
+    run_engine(llm, make_workload(16, args.seed + 1, llm.engine.vocab_size))
+    return llm
+
+
 def greedy_agreement(reference: list[list[int]], outputs: list[list[int]]) -> dict[str, float]:
     """How far greedy outputs follow the reference: tokens before the first difference, and identical outputs."""
     common = [next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), min(len(ref), len(out)))
@@ -209,8 +220,7 @@ def compile_ab(args: argparse.Namespace, llm: LLM, workload: list[Request], refe
     machine's drift hits both alike: tok/s of each, their ratio, and greedy agreement with the first run."""
     other = not llm.engine.config.compile
     start = time.perf_counter()
-    other_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
-                    kv_cache_memory_bytes=3 * 1024**3, dtype=args.dtype, compile=other)  # fmt: skip
+    other_llm = workload_llm(args, compile=other)
     print(f"engine with compile={other} ready in {time.perf_counter() - start:.1f} s")
     tok_s: dict[bool, list[float]] = {True: [], False: []}
     other_outputs: list[list[int]] = []
@@ -255,6 +265,8 @@ def main() -> None:
     parser.add_argument("--compile-ab", action="store_true",
                         help="also run the mixed workload with EngineConfig.compile flipped, interleaved twice: the "
                              "tok/s ratio and greedy agreement")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="stop after the engine runs (no HF baselines, no pure-decode table, no offline.json)")
     parser.add_argument("--kv-cache-dtype", default=None, choices=["bfloat16", "float16"],
                         help="also run the workload with this 16-bit KV cache: throughput and greedy agreement")
     args = parser.parse_args()
@@ -271,8 +283,7 @@ def main() -> None:
 
     # max_num_seqs 128 for the pure-decode measurement; the mixed workload has 64 requests.
     dtype = getattr(torch, args.dtype)
-    llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
-              kv_cache_memory_bytes=3 * 1024**3, dtype=args.dtype)  # fmt: skip
+    llm = workload_llm(args)
     torch.set_num_threads(llm.engine.config.resolved_num_threads())
     threads = torch.get_num_threads()
     workload = make_workload(args.num_requests, args.seed, llm.engine.vocab_size)
@@ -297,8 +308,7 @@ def main() -> None:
           f"{flops / elapsed / peak:.0%} of the measured {args.dtype} GEMM peak ({peak / 1e9:.1f} GFLOP/s; 2 x parameters "
           f"per computed prompt and output token + attention)")  # fmt: skip
     if args.prepack_ab:
-        plain_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
-                        kv_cache_memory_bytes=3 * 1024**3, prepack_weights=True)  # fmt: skip
+        plain_llm = workload_llm(args, prepack_weights=True)
         plain_outputs: list[list[int]] = []
         plain_tokens, plain_elapsed, _ = run_engine(plain_llm, workload, plain_outputs)
         agreement = greedy_agreement(reference, plain_outputs)
@@ -312,8 +322,7 @@ def main() -> None:
     if args.compile_ab:
         results["compile_ab"] = compile_ab(args, llm, workload, reference, flops, peak)
     if args.kv_cache_dtype:
-        kv_llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
-                     kv_cache_memory_bytes=3 * 1024**3, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
+        kv_llm = workload_llm(args, kv_cache_dtype=args.kv_cache_dtype)
         kv_outputs: list[list[int]] = []
         kv_tokens, kv_elapsed, _ = run_engine(kv_llm, workload, kv_outputs)
         agreement = greedy_agreement(reference, kv_outputs)
@@ -325,6 +334,11 @@ def main() -> None:
               f"first difference, {agreement['identical_outputs']:.1%} of outputs identical")  # fmt: skip
         del kv_llm
 
+    if args.engine_only:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        (RESULTS_DIR / "offline_engine.json").write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {RESULTS_DIR / 'offline_engine.json'}")
+        return
     static_tokens, static_s = run_hf_static_batches(args.model, workload, args.static_batch_size, dtype)
     static_tok_s = static_tokens / static_s
     results["hf_static"] = {"tokens": static_tokens, "seconds": static_s, "tok_s": static_tok_s}

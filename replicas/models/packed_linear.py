@@ -12,12 +12,22 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 # The row count oneDNN is told to expect when choosing the blocked layout: a decode batch.
 PACK_BATCH_HINT = 64
+
+
+def padded_rows(rows: int) -> int:
+    """The row count oneDNN is given: a power of two up to 8, then a multiple of 16. NOTE: oneDNN builds (and keeps
+    memory for) a primitive per distinct shape; unpadded, every step size is one more, and a server's memory grows
+    for as long as new sizes come (hundreds of MiB). Padded, there are at most 4 + max_num_batched_tokens / 16."""
+    if rows <= 8:
+        return 1 << max(0, rows - 1).bit_length()
+    return -(-rows // 16) * 16
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -35,7 +45,12 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), self.packed_weight, self.bias, "none", [], "")
+        rows = hidden.shape[0]
+        padded = padded_rows(rows)
+        if padded != rows:
+            hidden = F.pad(hidden, (0, 0, 0, padded - rows))
+        out = torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), self.packed_weight, self.bias, "none", [], "")
+        return out[:rows]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from replicas.models.packed_linear import PackedLinear, can_prepack, prepack_linears
+from replicas.models.packed_linear import PackedLinear, can_prepack, padded_rows, prepack_linears
 from replicas import SamplingParams
 from tests.engine.helpers import make_engine, random_prompts
 
@@ -69,3 +69,11 @@ def test_only_cpu_float32_is_packed() -> None:
     assert not can_prepack(torch.device("cpu"), torch.bfloat16)
     assert not can_prepack(torch.device("cuda"), torch.float32)
 
+
+
+def test_step_sizes_map_to_a_bounded_set_of_padded_row_counts() -> None:
+    # oneDNN keeps memory per distinct shape: every step size from 1 to 2,048 rows must share a few of them.
+    padded = {rows: padded_rows(rows) for rows in range(1, 2049)}
+    assert all(rows <= size < rows + 16 for rows, size in padded.items())
+    assert all(size - rows < rows for rows, size in padded.items())  # never more than twice the work
+    assert len(set(padded.values())) <= 4 + 2048 // 16
