@@ -172,6 +172,16 @@ def workload_llm(args: argparse.Namespace, **overrides: object) -> LLM:
     return llm
 
 
+def run_variant(args: argparse.Namespace, workload: list[Request], reference: list[list[int]], flops: float,
+                peak: float, **overrides: object) -> dict[str, float]:  # fmt: skip
+    """The mixed workload on a fresh engine with `overrides`: tok/s, fraction of the GEMM peak, greedy agreement."""
+    llm = workload_llm(args, **overrides)
+    outputs: list[list[int]] = []
+    tokens, elapsed, _ = run_engine(llm, workload, outputs)
+    return {"tok_s": tokens / elapsed, "fraction_of_gemm_peak": flops / elapsed / peak,
+            **greedy_agreement(reference, outputs)}  # fmt: skip
+
+
 def greedy_agreement(reference: list[list[int]], outputs: list[list[int]]) -> dict[str, float]:
     """How far greedy outputs follow the reference: tokens before the first difference, and identical outputs."""
     common = [next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), min(len(ref), len(out)))
@@ -308,31 +318,20 @@ def main() -> None:
           f"{flops / elapsed / peak:.0%} of the measured {args.dtype} GEMM peak ({peak / 1e9:.1f} GFLOP/s; 2 x parameters "
           f"per computed prompt and output token + attention)")  # fmt: skip
     if args.prepack_ab:
-        plain_llm = workload_llm(args, prepack_weights=True)
-        plain_outputs: list[list[int]] = []
-        plain_tokens, plain_elapsed, _ = run_engine(plain_llm, workload, plain_outputs)
-        agreement = greedy_agreement(reference, plain_outputs)
-        results["engine_prepacked_weights"] = {"tok_s": plain_tokens / plain_elapsed,
-                                           "fraction_of_gemm_peak": flops / plain_elapsed / peak, **agreement}  # fmt: skip
-        print(f"prepacked (oneDNN) weights: {plain_tokens / plain_elapsed:.1f} tok/s = "
-              f"{flops / plain_elapsed / peak:.0%} of the GEMM peak; plain {engine_tok_s:.1f} tok/s; packed / plain "
-              f"{plain_tokens / plain_elapsed / engine_tok_s:.2f}x; {agreement['identical_outputs']:.1%} of "
-              f"outputs identical")  # fmt: skip
-        del plain_llm
+        packed = run_variant(args, workload, reference, flops, peak, prepack_weights=True)
+        results["engine_prepacked_weights"] = packed
+        print(f"prepacked (oneDNN) weights: {packed['tok_s']:.1f} tok/s = {packed['fraction_of_gemm_peak']:.0%} of "
+              f"the GEMM peak; plain {engine_tok_s:.1f} tok/s; packed / plain {packed['tok_s'] / engine_tok_s:.2f}x; "
+              f"{packed['identical_outputs']:.1%} of outputs identical")  # fmt: skip
     if args.compile_ab:
         results["compile_ab"] = compile_ab(args, llm, workload, reference, flops, peak)
     if args.kv_cache_dtype:
-        kv_llm = workload_llm(args, kv_cache_dtype=args.kv_cache_dtype)
-        kv_outputs: list[list[int]] = []
-        kv_tokens, kv_elapsed, _ = run_engine(kv_llm, workload, kv_outputs)
-        agreement = greedy_agreement(reference, kv_outputs)
-        results["engine_kv16"] = {"kv_cache_dtype": args.kv_cache_dtype, "tok_s": kv_tokens / kv_elapsed,
-                                  "fraction_of_gemm_peak": flops / kv_elapsed / peak, **agreement}  # fmt: skip
-        print(f"{args.kv_cache_dtype} KV cache: {kv_tokens / kv_elapsed:.1f} tok/s = "
-              f"{flops / kv_elapsed / peak:.0%} of the GEMM peak (fp32 KV {engine_tok_s:.1f}); "
-              f"greedy agreement with fp32 KV: {agreement['tokens_before_divergence']:.1%} of tokens before the "
-              f"first difference, {agreement['identical_outputs']:.1%} of outputs identical")  # fmt: skip
-        del kv_llm
+        kv16 = run_variant(args, workload, reference, flops, peak, kv_cache_dtype=args.kv_cache_dtype)
+        results["engine_kv16"] = {"kv_cache_dtype": args.kv_cache_dtype, **kv16}
+        print(f"{args.kv_cache_dtype} KV cache: {kv16['tok_s']:.1f} tok/s = {kv16['fraction_of_gemm_peak']:.0%} of "
+              f"the GEMM peak (fp32 KV {engine_tok_s:.1f}); greedy agreement with fp32 KV: "
+              f"{kv16['tokens_before_divergence']:.1%} of tokens before the first difference, "
+              f"{kv16['identical_outputs']:.1%} of outputs identical")  # fmt: skip
 
     if args.engine_only:
         RESULTS_DIR.mkdir(exist_ok=True)
