@@ -4,6 +4,7 @@ limits, compile errors and dead states; outputs valid against their JSON schema,
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from pathlib import Path
@@ -227,17 +228,20 @@ _VALUES = st.recursive(
     max_leaves=4,
 )
 SCHEMAS = _objects(_VALUES)
+_EXAMPLES = itertools.count()
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schemas=st.lists(SCHEMAS, min_size=4, max_size=4), temperature=st.sampled_from([0.0, 1.0]))
 def test_generated_schemas_always_give_valid_json_or_a_clean_length_finish(engine, schemas, temperature) -> None:
+    # Ids unique per example: an example that fails leaves its requests behind in the module's engine.
+    ids = [f"s{next(_EXAMPLES)}-{i}" for i in range(len(schemas))]
     requests = {
-        f"s{i}": (chat(engine, f"Fill in this JSON schema: {json.dumps(schema)}"),
-                  constrained(96, temperature, json_schema=schema))
-        for i, schema in enumerate(schemas)
+        request_id: (chat(engine, f"Fill in this JSON schema: {json.dumps(schema)}"),
+                     constrained(96, temperature, json_schema=schema))
+        for request_id, schema in zip(ids, schemas)
     }  # fmt: skip
     outputs = run(engine, requests)
-    for i, schema in enumerate(schemas):
-        assert outputs[f"s{i}"].error is None
-        assert_valid_json(outputs[f"s{i}"].outputs[0], schema)
+    for request_id, schema in zip(ids, schemas):
+        assert outputs[request_id].error is None
+        assert_valid_json(outputs[request_id].outputs[0], schema)
