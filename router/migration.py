@@ -240,16 +240,22 @@ async def _as_choice(index: int, outputs: AsyncIterator[RequestOutput]) -> Async
         await outputs.aclose()  # type: ignore[attr-defined]
 
 
-async def _first_of_new_call(
-    stream: AsyncIterator[RequestOutput], deadline: float, deadline_s: float
-) -> RequestOutput | None:
-    """A new request's first output (None: it ended without one), or 503 `engine_unavailable` at its deadline.
-    NOTE: with every replica gone, Serve holds a new call until one is back (a deployment that was once healthy
-    stays "available" with none running), which may be never."""
+async def _first_output(stream: AsyncIterator[RequestOutput], deadline: float) -> RequestOutput | None:
+    """A call's first output (None: it ended without one); `asyncio.TimeoutError` at `deadline`. NOTE: with every
+    replica gone, Serve holds a call until one is back (a deployment that was once healthy stays "available" with
+    none running), which may be never: every call's first output has a deadline."""
     try:
         return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
     except StopAsyncIteration:
         return None
+
+
+async def _first_of_new_call(
+    stream: AsyncIterator[RequestOutput], deadline: float, deadline_s: float
+) -> RequestOutput | None:
+    """A new request's first output (None: it ended without one), or 503 `engine_unavailable` at its deadline."""
+    try:
+        return await _first_output(stream, deadline)
     except asyncio.TimeoutError:
         raise APIError(
             503, f"no engine replica produced output within {deadline_s:g} s (none running, or all saturated): "
@@ -260,10 +266,12 @@ async def _first_of_new_call(
 async def _first_within(
     stream: AsyncIterator[RequestOutput], deadline: float, lost: APIError, on_migration: Callable[[str], None]
 ) -> RequestOutput:
-    """A resumed call's first output, or `lost` re-raised at `deadline`. NOTE: with every replica gone, Serve
-    holds a call until one is back, which may be never: the client gets its error instead of a hang."""
+    """A resumed call's first output, or `lost` re-raised at `deadline` (or when it ends without one)."""
     try:
-        return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.monotonic()))
-    except (asyncio.TimeoutError, StopAsyncIteration):
+        first = await _first_output(stream, deadline)
+    except asyncio.TimeoutError:
+        first = None
+    if first is None:
         on_migration("gave_up")
         raise lost from lost.__cause__  # the same error the lost call ended with
+    return first
