@@ -128,20 +128,30 @@ class StructuredOutputManager:
 
     def _compile(self, kind: str, text: str, param: str) -> Any:
         try:
-            compiler = self._get_compiler()
-            if kind == "json":
-                return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
-            if kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
-            if kind == "regex":
-                return compiler.compile_regex(text)
-            if kind == "choice":
-                return compiler.compile_grammar(choice_grammar(json.loads(text)))
-            return compiler.compile_grammar(text)
+            compiled = self._compile_spec(kind, text)
         except Exception as error:  # noqa: BLE001 — the library's errors (RuntimeError, ValueError, ...) vary
             lines = str(error).strip().splitlines() or [type(error).__name__]
             message = re.sub(r"^\[[\d:]+\] \S+: ", "", lines[-1])  # xgrammar's "[time] file.cc:line: " prefix
             raise StructuredOutputError(f"{param}: the {kind} does not compile: {message}", param=param) from error
+        # A grammar that compiles but allows no token of this vocabulary at its start (say, a regex of characters no
+        # token spells) could only end the request as an engine error: refuse it here, once per spec, as a bad spec.
+        if GrammarState(Future(), param).start(compiled, self.stop_token_ids, self.vocab_size) is not None:
+            raise StructuredOutputError(
+                f"{param}: the {kind} allows no token of this model's vocabulary at its start", param=param
+            )
+        return compiled
+
+    def _compile_spec(self, kind: str, text: str) -> Any:
+        compiler = self._get_compiler()
+        if kind == "json":
+            return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+        if kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+        if kind == "regex":
+            return compiler.compile_regex(text)
+        if kind == "choice":
+            return compiler.compile_grammar(choice_grammar(json.loads(text)))
+        return compiler.compile_grammar(text)
 
     def _get_compiler(self) -> Any:
         with self._lock:

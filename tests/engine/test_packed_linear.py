@@ -29,7 +29,10 @@ def test_packed_linear_matches_a_float64_reference(
     hidden = torch.randn(rows, in_features, generator=generator)
     out = PackedLinear(weight, bias_tensor)(hidden)
     reference = hidden.double() @ weight.double().T + (0 if bias_tensor is None else bias_tensor.double())
-    scale = hidden.double().abs() @ weight.double().abs().T + 1e-30  # the sum's magnitude bounds its rounding error
+    # the sum's magnitude (bias included) bounds its rounding error
+    scale = hidden.double().abs() @ weight.double().abs().T + 1e-30
+    if bias_tensor is not None:
+        scale = scale + bias_tensor.double().abs()
     assert out.shape == (rows, out_features) and out.dtype == torch.float32
     assert ((out.double() - reference).abs() / scale).max().item() <= 1e-5 * max(1, in_features**0.5)
 

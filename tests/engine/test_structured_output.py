@@ -166,6 +166,25 @@ def test_async_engine_refuses_a_schema_that_does_not_compile_before_queueing(eng
         async_engine.shutdown()
 
 
+def test_a_grammar_with_no_allowed_first_token_is_refused_before_queueing(engine) -> None:
+    # It compiles, but no token of the vocabulary spells an unassigned plane-4 character (found by the API fuzzer,
+    # which got a 500 for it): a bad spec, refused like one that does not compile, and the engine keeps serving.
+    async_engine = AsyncEngine(engine)
+
+    async def generate(request_id: str, params: SamplingParams) -> list:
+        return [output async for output in async_engine.generate(request_id, "hi", params)]
+
+    try:
+        spec = StructuredOutputParams(regex="\U00040000", param="guided_regex")
+        with pytest.raises(RequestError, match="guided_regex: the regex allows no token") as error:
+            asyncio.run(generate("dead-start", SamplingParams(structured_output=spec, max_tokens=8)))
+        assert error.value.param == "guided_regex"
+        outputs = asyncio.run(generate("after", SamplingParams(temperature=0.0, max_tokens=3)))
+        assert outputs[-1].finished and outputs[-1].error is None
+    finally:
+        async_engine.shutdown()
+
+
 class _DeadMatcher:
     """A matcher that accepts a token and then allows nothing."""
 
