@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -215,10 +215,20 @@ class _Calls:
         wait_until: float,
     ) -> AsyncIterator[RequestOutput]:  # fmt: skip
         """The resumed choices' deltas as the request's: each under its own index, finished when all are."""
+        gave_up = False
+
+        def count_once(reason: str) -> None:  # the request gives up once, however many of its choices fail
+            nonlocal gave_up
+            if reason == "gave_up" and gave_up:
+                return
+            gave_up = gave_up or reason == "gave_up"
+            self.on_migration(reason)
+
+        choice_calls = replace(self, on_migration=count_once)
         streams = []
         for plan in plans:
             choice_id = f"{request_id}-c{plan.index}"
-            outputs = self.outputs(choice_id, plan.params, delivered.choice(plan.index), f"{choice_id}-m{migrations}",
+            outputs = choice_calls.outputs(choice_id, plan.params, delivered.choice(plan.index), f"{choice_id}-m{migrations}",
                                    plan.resume, lost, migrations, wait_until)  # fmt: skip
             streams.append(_as_choice(plan.index, outputs))
         unfinished = set(range(len(plans)))

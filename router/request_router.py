@@ -40,6 +40,7 @@ class ReplicaView:
     stats: RoutingStats | None = None  # the replica's latest routing stats; None when missing, unreadable or stale
     prefix_blocks: int = 0  # leading blocks of the request it holds (reported, or recently routed there)
     routed_since_report: int = 0  # requests this router sent since the stats were taken
+    num_held: int = 0  # other requests this router is holding back for it while it is saturated
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,16 @@ class RoutingPolicy:
     max_waiting_for_affinity: int = 8  # a replica with more waiting requests is overloaded for affinity
     max_imbalance: int = 4  # ... and so is one with this many more ongoing requests than the least loaded
     # A request whose prefix one replica holds at least `min_wait_blocks` deeper than any other waits for that
-    # replica while it is saturated, for as long as prefilling those blocks elsewhere would take (`wait_per_block_s`
-    # each: 16 tokens of a 135M model on one busy CPU thread; far less on a GPU), at most `max_affinity_wait_s`.
+    # replica while it is saturated: for as long as every other replica is saturated too (going elsewhere would
+    # queue as well, then pay the prefill), and once another has a free slot, for as long as prefilling those blocks
+    # there would take (`wait_per_block_s` each: 16 tokens of a 135M model on one busy CPU thread; far less on a
+    # GPU), at most `max_affinity_wait_s`. At most `max_held_for_affinity` requests wait for one replica at a time.
     # (bench.routing --quick: 2 blocks at 0.3 s raised the hit rate from 63% to 66% over 4 blocks at 0.1 s, with
     # TTFT p99 no worse.)
     min_wait_blocks: int = 2
     wait_per_block_s: float = 0.3
     max_affinity_wait_s: float = 3.0
+    max_held_for_affinity: int = 2
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
@@ -113,8 +117,9 @@ def rank_replicas(
     3. Replicas whose stats are stale, missing or unreadable: power of two choices on ongoing requests.
 
     Except: a saturated replica holding the request's prefix `min_wait_blocks` or more deeper than any other, with a
-    short queue, is the only rank (Serve backs off and asks again when it refuses) while the request has waited
-    (`waited_s`) less than prefilling those blocks elsewhere would take.
+    short queue, is the only rank (Serve backs off and asks again when it refuses) while every other replica is
+    saturated too, or the request has passed up a free replica (`waited_s`: for how long) for less than prefilling
+    those blocks there would take.
     """
     rng = rng or random.Random()
     if not replicas:
@@ -162,9 +167,15 @@ def _worth_waiting_for(
         return False
     if holder.stats.num_waiting + holder.routed_since_report > policy.max_waiting_for_affinity:
         return False
-    saved_blocks = holder.prefix_blocks - max((r.prefix_blocks for r in replicas if r is not holder), default=0)
-    budget_s = min(policy.max_affinity_wait_s, saved_blocks * policy.wait_per_block_s)
-    return saved_blocks >= policy.min_wait_blocks and waited_s < budget_s
+    if holder.num_held >= policy.max_held_for_affinity:
+        return False
+    others = [r for r in replicas if r is not holder]
+    saved_blocks = holder.prefix_blocks - max((r.prefix_blocks for r in others), default=0)
+    if saved_blocks < policy.min_wait_blocks:
+        return False
+    if all(_is_saturated(r) for r in others):
+        return True  # elsewhere it would queue too, and then prefill those blocks again
+    return waited_s < min(policy.max_affinity_wait_s, saved_blocks * policy.wait_per_block_s)
 
 
 def _queue_length(replica: ReplicaView) -> int:
@@ -186,13 +197,14 @@ class KVAwareRequestRouter(RequestRouter):
         min_wait_blocks: int = RoutingPolicy.min_wait_blocks,
         wait_per_block_s: float = RoutingPolicy.wait_per_block_s,
         max_affinity_wait_s: float = RoutingPolicy.max_affinity_wait_s,
+        max_held_for_affinity: int = RoutingPolicy.max_held_for_affinity,
     ) -> None:
         self._stats_stale_after_s = stats_stale_after_s
         self._recent_route_ttl_s = recent_route_ttl_s
         self._max_recent_routes = max_recent_routes
         self._policy = RoutingPolicy(
             min_match_blocks, max_waiting_for_affinity, max_imbalance, min_wait_blocks, wait_per_block_s,
-            max_affinity_wait_s,
+            max_affinity_wait_s, max_held_for_affinity,
         )
         # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
         self._recent_routes: dict[str, OrderedDict[str, float]] = {}
@@ -204,6 +216,10 @@ class KVAwareRequestRouter(RequestRouter):
         # request -> {replica id: (why it was ranked, prefix tokens it should hold)}, from the latest ranking,
         # until Serve reports the placement
         self._routing_reasons: OrderedDict[str, dict[str, tuple[str, int]]] = OrderedDict()
+        # request -> (replica id, when last asked): requests held back for a saturated replica holding their prefix
+        self._held: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # request -> when it first passed up a replica with a free slot to wait for its prefix's holder
+        self._passed_up_since: OrderedDict[str, float] = OrderedDict()
         self._block_size = 0  # tokens per prefix hash, from the replicas' reports (0 until the first)
         self._series_started = False
 
@@ -218,25 +234,52 @@ class KVAwareRequestRouter(RequestRouter):
             # again; without this flag it retries at once, and the busy loop starves the probes it waits for.
             pending_request.routing_context.should_backoff = True
         now = time.time()
-        views = [self._view(replica, request_hashes, now) for replica in candidate_replicas]
+        key = _request_key(pending_request) if pending_request is not None else None
+        held = self._held_counts(now, exclude=key)
+        views = [self._view(replica, request_hashes, now, held) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        created_at = getattr(pending_request, "created_at", None)  # when Serve queued it
-        waited_s = now - created_at if created_at is not None else None
-        ranks = rank_replicas(views, len(request_hashes), self._policy, self._rng, waited_s)
-        if pending_request is not None:  # why each replica was offered, counted once Serve has placed the request
+        ranks = rank_replicas(views, len(request_hashes), self._policy, self._rng, self._passed_up_s(key, views, now))
+        if key is not None:  # why each replica was offered, counted once Serve has placed the request
             predicted = {view.replica_id: view.prefix_blocks * self._block_size for view in views}
-            self._routing_reasons[_request_key(pending_request)] = {
+            self._routing_reasons[key] = {
                 replica_id: (reason, predicted[replica_id]) for rank, reason in ranks for replica_id in rank
             }
-            while len(self._routing_reasons) > self._max_recent_routes:  # requests never placed (refused, cancelled)
-                self._routing_reasons.popitem(last=False)
+            held_for = _held_for(ranks, views)
+            if held_for is not None:
+                self._held[key] = (held_for, now)
+                self._held.move_to_end(key)
+            else:
+                self._held.pop(key, None)
+            for table in (self._routing_reasons, self._held, self._passed_up_since):
+                while len(table) > self._max_recent_routes:  # requests never placed (refused, cancelled)
+                    table.popitem(last=False)
         return [[by_id[replica_id] for replica_id in rank] for rank, _ in ranks]
+
+    def _passed_up_s(self, key: str | None, views: list[ReplicaView], now: float) -> float | None:
+        """For how long the request has been offered to its prefix's holder only while another replica had a free
+        slot (0 while every other is saturated); None when unknown (no request to track)."""
+        if key is None:
+            return None
+        deepest = max((view.prefix_blocks for view in views), default=0)
+        if not any(not _is_saturated(view) for view in views if view.prefix_blocks < deepest):
+            return now - self._passed_up_since[key] if key in self._passed_up_since else 0.0
+        self._passed_up_since.setdefault(key, now)
+        return now - self._passed_up_since[key]
+
+    def _held_counts(self, now: float, exclude: str | None) -> dict[str, int]:
+        """Requests held back per replica, of those Serve asked about lately (a cancelled one stops being asked)."""
+        counts: dict[str, int] = {}
+        for key, (replica_id, asked_at) in self._held.items():
+            if key != exclude and now - asked_at <= _HELD_FRESH_S:
+                counts[replica_id] = counts.get(replica_id, 0) + 1
+        return counts
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         unique_id = replica_id.unique_id
-        reason, predicted_tokens = self._routing_reasons.pop(_request_key(pending_request), {}).get(
-            unique_id, ("fallback", 0)
-        )
+        key = _request_key(pending_request)
+        self._held.pop(key, None)
+        self._passed_up_since.pop(key, None)
+        reason, predicted_tokens = self._routing_reasons.pop(key, {}).get(unique_id, ("fallback", 0))
         deployment_id = getattr(self, "_deployment_id", None)  # set by Serve's constructor
         application = getattr(deployment_id, "app_name", "")
         if not self._series_started:
@@ -263,7 +306,9 @@ class KVAwareRequestRouter(RequestRouter):
         self._unreadable_reported &= live
         self._stale_warned &= live
 
-    def _view(self, replica: RunningReplica, request_hashes: list[str], now: float) -> ReplicaView:
+    def _view(
+        self, replica: RunningReplica, request_hashes: list[str], now: float, held: dict[str, int]
+    ) -> ReplicaView:
         unique_id = replica.replica_id.unique_id
         report = self._parsed_report(unique_id, replica.routing_stats)
         stats: RoutingStats | None = None
@@ -300,6 +345,7 @@ class KVAwareRequestRouter(RequestRouter):
             stats=stats,
             prefix_blocks=matched_blocks(request_hashes, reported, recent) if request_hashes else 0,
             routed_since_report=routed_since,
+            num_held=held.get(unique_id, 0),
         )
 
     def _parsed_report(self, unique_id: str, raw: dict[str, Any] | None) -> _ParsedReport | None:
@@ -328,6 +374,18 @@ class _ParsedReport:
     raw: dict[str, Any]  # what Serve handed over (compared by identity: a new report is a new dict)
     stats: RoutingStats | None  # None: it did not parse
     prefix_hashes: frozenset[str]
+
+
+_HELD_FRESH_S = 2.0  # Serve asks again about a request it could not place at least every 0.5 s (its max backoff)
+
+
+def _held_for(ranks: list[tuple[list[str], str]], views: list[ReplicaView]) -> str | None:
+    """The replica a request is held back for: a saturated prefix holder offered alone (only `_worth_waiting_for`
+    ranks that way; a normal prefix hit is never saturated and comes with other ranks)."""
+    if len(ranks) != 1 or len(ranks[0][0]) != 1 or ranks[0][1] != "prefix_hit":
+        return None
+    replica_id = ranks[0][0][0]
+    return replica_id if any(v.replica_id == replica_id and _is_saturated(v) for v in views) else None
 
 
 def _request_key(pending_request: PendingRequest) -> str:

@@ -266,10 +266,17 @@ def test_a_finished_choice_is_not_resumed_and_a_resumed_choice_may_migrate_again
 
 def test_a_resumed_choice_past_max_migrations_fails_the_request() -> None:
     replicas = FakeChoices(deliver=[1, 1, 1, 1], lengths=[6, 6])
-    with pytest.raises(APIError) as raised:
+    reasons: list[str] = []
+
+    async def go() -> None:
         policy = MigrationPolicy(max_migrations=1, backoff_s=0.0)
-        collect(replicas, SamplingParams(n=2, max_tokens=6), policy)  # type: ignore[arg-type]
+        async for _ in migrating_outputs("req", SamplingParams(n=2, max_tokens=6), replicas, policy, reasons.append):
+            pass
+
+    with pytest.raises(APIError) as raised:
+        asyncio.run(go())
     assert raised.value.code == "engine_unavailable"
+    assert reasons.count("gave_up") == 1  # one request given up, however many of its choices were lost
 
 
 def test_best_of_above_n_is_never_resumed_mid_output() -> None:

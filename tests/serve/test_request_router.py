@@ -81,6 +81,14 @@ def test_a_saturated_holder_of_a_much_deeper_prefix_is_waited_for_as_long_as_a_p
     assert first_choice(rank_ids(deep, 60, policy, waited_s=3.0)) == ["a"]  # never past max_affinity_wait_s
 
 
+def test_a_saturated_deep_holder_is_waited_for_while_every_other_replica_is_saturated_too() -> None:
+    policy = RoutingPolicy(min_wait_blocks=4, wait_per_block_s=0.1, max_affinity_wait_s=3.0)
+    busy = [view("a", prefix_blocks=1, ongoing=8, max_ongoing=8), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
+    assert rank_replicas(busy, 6, policy, waited_s=100.0) == [(["b"], "prefix_hit")]
+    crowded = [busy[0], ReplicaView("b", 8, 8, report(), prefix_blocks=6, num_held=2)]  # two already wait for b
+    assert sorted(sum(rank_ids(crowded, 6, policy, waited_s=0.0), [])) == ["a", "b"]  # ranked normally: both
+
+
 def test_a_saturated_holder_is_not_waited_for_when_the_match_is_shallow_or_its_queue_long() -> None:
     policy = RoutingPolicy(min_wait_blocks=4, max_waiting_for_affinity=2)
     shallow = [view("a", prefix_blocks=3), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
@@ -199,8 +207,8 @@ def test_router_remembers_where_it_just_sent_a_prefix_before_any_report_shows_it
     assert choose(router, replicas, HASHES)[0] == ["b"]
 
 
-def test_router_falls_back_when_the_prefix_holder_is_saturated() -> None:
-    router = make_router(queue_lengths={"a": 0, "b": 8})
+def test_router_falls_back_when_the_prefix_holder_is_saturated_and_holding_is_off() -> None:
+    router = make_router(queue_lengths={"a": 0, "b": 8}, max_affinity_wait_s=0.0)
     replicas = [FakeReplica("a", stats(free=100)), FakeReplica("b", stats(free=100, hashes=HASHES))]
     assert choose(router, replicas, HASHES)[0] == ["a"]
 
@@ -238,13 +246,46 @@ def test_stale_stats_are_warned_about_once_per_episode(caplog: pytest.LogCapture
     assert len(warnings) == 2 and all("replica a" in warning and "old" in warning for warning in warnings)
 
 
-def test_router_holds_a_request_for_the_saturated_deep_holder_only_briefly() -> None:
-    router = make_router(queue_lengths={"a": 0, "b": 8}, min_wait_blocks=4, max_affinity_wait_s=1.0)  # 6 blocks
-    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats(hashes=HASHES))]
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
 
-    def first(created_ago_s: float) -> list[str]:
-        pending = FakePendingRequest({"prefix_hashes": HASHES}, created_at=time.time() - created_ago_s)
+    def time(self) -> float:
+        return self.now
+
+
+def test_router_holds_a_request_for_its_saturated_deep_holder_while_all_are_busy_then_briefly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("router.request_router.time", clock)
+    lengths = {"a": 8, "b": 8}
+    router = make_router(queue_lengths=lengths, min_wait_blocks=4, max_affinity_wait_s=1.0)  # b holds 6 blocks
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats(hashes=HASHES))]
+    pending = FakePendingRequest({"prefix_hashes": HASHES})
+
+    def first() -> list[str]:
+        for replica in replicas:  # fresh reports at the fake clock's time
+            replica.routing_stats = {**replica.routing_stats, "timestamp": clock.now}
         return [replica.name for replica in asyncio.run(router.choose_replicas(replicas, pending))[0]]
 
-    assert first(0.0) == ["b"]
-    assert first(5.0) == ["a"]
+    assert first() == ["b"]
+    clock.now += 30.0
+    assert first() == ["b"]  # every replica is busy: waiting elsewhere would cost the prefill on top
+    lengths["a"] = 0  # a slot frees on the replica without the prefix: the hold's clock starts now
+    assert first() == ["b"]
+    clock.now += 0.5
+    assert first() == ["b"]
+    clock.now += 0.6  # past max_affinity_wait_s since a was free
+    assert first() == ["a"]
+
+
+def test_router_holds_at_most_max_held_for_affinity_requests_for_one_replica() -> None:
+    router = make_router(queue_lengths={"a": 8, "b": 8}, min_wait_blocks=4, max_held_for_affinity=2)
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats(hashes=HASHES))]
+    requests = [FakePendingRequest({"prefix_hashes": HASHES}) for _ in range(3)]
+    ranks = [asyncio.run(router.choose_replicas(replicas, request)) for request in requests]
+    assert [[[r.name for r in rank] for rank in ranking] for ranking in ranks[:2]] == [[["b"]], [["b"]]]
+    assert len(ranks[2]) == 2  # the third is ranked normally: both replicas, whichever frees first
+    router.on_request_routed(requests[0], FakeReplicaID("b"), None)  # one held request placed: room for another
+    assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, requests[2]))] == [["b"]]
