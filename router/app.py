@@ -142,6 +142,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             request_router_kwargs=router_kwargs,
             request_routing_stats_period_s=args.routing_stats_period_s,
             request_routing_stats_timeout_s=max(10.0, 5 * args.routing_stats_period_s),
+            # A request waiting for a slot (every replica saturated, or held for its prefix's holder) is asked
+            # about again at most this often: Serve's 0.5 s default leaves a freed slot idle that long.
+            max_backoff_s=0.2,
         ),
     }
     if args.num_replicas is not None:

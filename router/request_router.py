@@ -119,7 +119,8 @@ def rank_replicas(
     Except: a saturated replica holding the request's prefix `min_wait_blocks` or more deeper than any other, with a
     short queue, is the only rank (Serve backs off and asks again when it refuses) while every other replica is
     saturated too, or the request has passed up a free replica (`waited_s`: for how long) for less than prefilling
-    those blocks there would take.
+    those blocks there would take. A saturated replica that requests are held back for is left out of the others'
+    ranks (unless every replica is one), so that the slot freeing there goes to a held request.
     """
     rng = rng or random.Random()
     if not replicas:
@@ -144,6 +145,11 @@ def rank_replicas(
             shuffled.remove(best)
     if not shuffled:
         return ranked
+    # A saturated replica that requests are held back for (its prefix's holders) is theirs when a slot frees there:
+    # requests that could go anywhere wait for another, unless every replica is such a one.
+    reserved = [r for r in shuffled if r.num_held > 0 and _is_saturated(r)]
+    if len(reserved) < len(shuffled):
+        shuffled = [r for r in shuffled if r not in reserved]
     fresh = [r for r in shuffled if r.stats is not None]
     if fresh:
         ordered = sorted(fresh, key=_load_key)
@@ -376,7 +382,7 @@ class _ParsedReport:
     prefix_hashes: frozenset[str]
 
 
-_HELD_FRESH_S = 2.0  # Serve asks again about a request it could not place at least every 0.5 s (its max backoff)
+_HELD_FRESH_S = 2.0  # Serve asks again about a request it could not place at least every 0.2 s (max_backoff_s)
 
 
 def _held_for(ranks: list[tuple[list[str], str]], views: list[ReplicaView]) -> str | None:

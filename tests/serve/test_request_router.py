@@ -86,7 +86,15 @@ def test_a_saturated_deep_holder_is_waited_for_while_every_other_replica_is_satu
     busy = [view("a", prefix_blocks=1, ongoing=8, max_ongoing=8), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
     assert rank_replicas(busy, 6, policy, waited_s=100.0) == [(["b"], "prefix_hit")]
     crowded = [busy[0], ReplicaView("b", 8, 8, report(), prefix_blocks=6, num_held=2)]  # two already wait for b
-    assert sorted(sum(rank_ids(crowded, 6, policy, waited_s=0.0), [])) == ["a", "b"]  # ranked normally: both
+    assert rank_ids(crowded, 6, policy, waited_s=0.0) == [["a"]]  # not held: b's next slots go to those two
+
+
+def test_a_replica_with_requests_held_for_it_is_left_to_them_while_saturated() -> None:
+    held_for_b = ReplicaView("b", 8, 8, report(), num_held=1)
+    assert sum(rank_ids([view("a", ongoing=8, max_ongoing=8), held_for_b], 0), []) == ["a"]
+    assert sum(rank_ids([held_for_b], 0), []) == ["b"]  # every replica is one: still a last resort
+    free_b = ReplicaView("b", 8, 3, report(), num_held=1)  # a slot is free there: nobody is waiting for it
+    assert sorted(sum(rank_ids([view("a", ongoing=8, max_ongoing=8), free_b], 0), [])) == ["a", "b"]
 
 
 def test_a_saturated_holder_is_not_waited_for_when_the_match_is_shallow_or_its_queue_long() -> None:
@@ -286,6 +294,6 @@ def test_router_holds_at_most_max_held_for_affinity_requests_for_one_replica() -
     requests = [FakePendingRequest({"prefix_hashes": HASHES}) for _ in range(3)]
     ranks = [asyncio.run(router.choose_replicas(replicas, request)) for request in requests]
     assert [[[r.name for r in rank] for rank in ranking] for ranking in ranks[:2]] == [[["b"]], [["b"]]]
-    assert len(ranks[2]) == 2  # the third is ranked normally: both replicas, whichever frees first
+    assert [[r.name for r in rank] for rank in ranks[2]] == [["a"]]  # not held: b's next slots go to those two
     router.on_request_routed(requests[0], FakeReplicaID("b"), None)  # one held request placed: room for another
     assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, requests[2]))] == [["b"]]
