@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import psutil
 
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+from kernels.cpu_features import cpu_flags as all_cpu_flags
+from kernels.cpu_features import cpu_model
 
 
 def cpu_flags() -> list[str]:
     """The SIMD-relevant flags of this CPU (kernels and GEMMs are only as fast as these allow)."""
-    text = _cpuinfo()
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "sse4", "amx")))
-
-
-def cpu_model() -> str:
-    text = _cpuinfo()
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    return sorted(f for f in all_cpu_flags() if f.startswith(("avx", "fma", "f16c", "sse4", "amx")))
 
 
 def machine_description() -> str:

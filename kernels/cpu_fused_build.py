@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.cpu_features import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention_cpu.cpp"
@@ -70,12 +72,9 @@ def _cflags(variant: Variant) -> list[str]:
 
 def _cpu_flags() -> str:
     """This CPU's feature flags: a build made with -march=native elsewhere may not run here."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    flags = cpu_flags()
+    if flags:
+        return " ".join(flags)
     import platform
 
     return platform.processor() or platform.machine()

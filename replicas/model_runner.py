@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
 import kernels
+from kernels.cpu_features import cpu_flags
 from replicas import compilation
 from replicas.config import EngineConfig, EngineConfigError
 from replicas.input_batch import InputBatch, PromptLogitsSpan, StepInputs
@@ -54,12 +54,7 @@ class KVCacheSpec:
 
 def cpu_has_bf16_compute(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16): then bf16 GEMMs beat fp32 ones."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags(cpuinfo)
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
