@@ -60,7 +60,7 @@ class RoutingPolicy:
     min_wait_blocks: int = 2
     wait_per_block_s: float = 0.3
     max_affinity_wait_s: float = 3.0
-    max_held_for_affinity: int = 2
+    max_held_for_affinity: int = 4
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
@@ -262,15 +262,16 @@ class KVAwareRequestRouter(RequestRouter):
         return [[by_id[replica_id] for replica_id in rank] for rank, _ in ranks]
 
     def _passed_up_s(self, key: str | None, views: list[ReplicaView], now: float) -> float | None:
-        """For how long the request has been offered to its prefix's holder only while another replica had a free
-        slot (0 while every other is saturated); None when unknown (no request to track)."""
+        """For how long another replica has had a free slot, without a break, while the request waited for its
+        prefix's holder (0 while every other is saturated: a slot that freed and was taken again does not count);
+        None when unknown (no request to track)."""
         if key is None:
             return None
         deepest = max((view.prefix_blocks for view in views), default=0)
         if not any(not _is_saturated(view) for view in views if view.prefix_blocks < deepest):
-            return now - self._passed_up_since[key] if key in self._passed_up_since else 0.0
-        self._passed_up_since.setdefault(key, now)
-        return now - self._passed_up_since[key]
+            self._passed_up_since.pop(key, None)
+            return 0.0
+        return now - self._passed_up_since.setdefault(key, now)
 
     def _held_counts(self, now: float, exclude: str | None) -> dict[str, int]:
         """Requests held back per replica, of those Serve asked about lately (a cancelled one stops being asked)."""

@@ -82,7 +82,7 @@ def test_a_saturated_holder_of_a_much_deeper_prefix_is_waited_for_as_long_as_a_p
 
 
 def test_a_saturated_deep_holder_is_waited_for_while_every_other_replica_is_saturated_too() -> None:
-    policy = RoutingPolicy(min_wait_blocks=4, wait_per_block_s=0.1, max_affinity_wait_s=3.0)
+    policy = RoutingPolicy(min_wait_blocks=4, wait_per_block_s=0.1, max_affinity_wait_s=3.0, max_held_for_affinity=2)
     busy = [view("a", prefix_blocks=1, ongoing=8, max_ongoing=8), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
     assert rank_replicas(busy, 6, policy, waited_s=100.0) == [(["b"], "prefix_hit")]
     crowded = [busy[0], ReplicaView("b", 8, 8, report(), prefix_blocks=6, num_held=2)]  # two already wait for b
@@ -282,9 +282,14 @@ def test_router_holds_a_request_for_its_saturated_deep_holder_while_all_are_busy
     assert first() == ["b"]  # every replica is busy: waiting elsewhere would cost the prefill on top
     lengths["a"] = 0  # a slot frees on the replica without the prefix: the hold's clock starts now
     assert first() == ["b"]
-    clock.now += 0.5
+    clock.now += 0.8
+    lengths["a"] = 8  # ... and another request took it: the clock stops (a taken slot was no idle capacity)
     assert first() == ["b"]
-    clock.now += 0.6  # past max_affinity_wait_s since a was free
+    lengths["a"] = 0
+    assert first() == ["b"]
+    clock.now += 0.5
+    assert first() == ["b"]  # 1.3 s passed up in all, but only 0.5 s of it without a break
+    clock.now += 0.6  # past max_affinity_wait_s with a free all along
     assert first() == ["a"]
 
 
