@@ -61,6 +61,7 @@ class RoutingPolicy:
     wait_per_block_s: float = 0.3
     max_affinity_wait_s: float = 3.0
     max_held_for_affinity: int = 4
+    max_hold_s: float | None = None  # no hold once the request has been queued this long (None: no such bound)
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
@@ -107,6 +108,7 @@ def rank_replicas(
     policy: RoutingPolicy = RoutingPolicy(),
     rng: random.Random | None = None,
     waited_s: float | None = None,
+    queued_s: float | None = None,
 ) -> list[tuple[list[str], str]]:
     """Replica ids in ranks, best first, each with why it is there (prefix_hit, least_loaded or fallback: a
     metric's label); Serve tries each rank in turn and skips replicas that refuse.
@@ -129,7 +131,7 @@ def rank_replicas(
     rng.shuffle(shuffled)  # ties go to a random replica, not always the first
     ranked: list[tuple[list[str], str]] = []
     holder = max(shuffled, key=lambda r: r.prefix_blocks)
-    if waited_s is not None and _worth_waiting_for(holder, shuffled, policy, waited_s):
+    if waited_s is not None and _worth_waiting_for(holder, shuffled, policy, waited_s, queued_s):
         return [([holder.replica_id], "prefix_hit")]
     # The deepest match among replicas fit to take it; among equally deep ones (a hot prefix that spilled over,
     # a shared system prompt every replica holds) the least loaded, so affinity never piles onto one replica.
@@ -166,10 +168,12 @@ def rank_replicas(
 
 
 def _worth_waiting_for(
-    holder: ReplicaView, replicas: list[ReplicaView], policy: RoutingPolicy, waited_s: float
+    holder: ReplicaView, replicas: list[ReplicaView], policy: RoutingPolicy, waited_s: float, queued_s: float | None
 ) -> bool:
     """Whether to hold the request for the saturated replica holding its prefix much deeper than the rest."""
     if holder.stats is None or not _is_saturated(holder):
+        return False
+    if policy.max_hold_s is not None and queued_s is not None and queued_s >= policy.max_hold_s:
         return False
     if holder.stats.num_waiting + holder.routed_since_report > policy.max_waiting_for_affinity:
         return False
@@ -204,13 +208,14 @@ class KVAwareRequestRouter(RequestRouter):
         wait_per_block_s: float = RoutingPolicy.wait_per_block_s,
         max_affinity_wait_s: float = RoutingPolicy.max_affinity_wait_s,
         max_held_for_affinity: int = RoutingPolicy.max_held_for_affinity,
+        max_hold_s: float | None = RoutingPolicy.max_hold_s,
     ) -> None:
         self._stats_stale_after_s = stats_stale_after_s
         self._recent_route_ttl_s = recent_route_ttl_s
         self._max_recent_routes = max_recent_routes
         self._policy = RoutingPolicy(
             min_match_blocks, max_waiting_for_affinity, max_imbalance, min_wait_blocks, wait_per_block_s,
-            max_affinity_wait_s, max_held_for_affinity,
+            max_affinity_wait_s, max_held_for_affinity, max_hold_s,
         )
         # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
         self._recent_routes: dict[str, OrderedDict[str, float]] = {}
@@ -244,7 +249,11 @@ class KVAwareRequestRouter(RequestRouter):
         held = self._held_counts(now, exclude=key)
         views = [self._view(replica, request_hashes, now, held) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        ranks = rank_replicas(views, len(request_hashes), self._policy, self._rng, self._passed_up_s(key, views, now))
+        created_at = getattr(pending_request, "created_at", None)  # when Serve queued it
+        queued_s = now - created_at if created_at is not None else None
+        ranks = rank_replicas(
+            views, len(request_hashes), self._policy, self._rng, self._passed_up_s(key, views, now), queued_s
+        )
         if key is not None:  # why each replica was offered, counted once Serve has placed the request
             predicted = {view.replica_id: view.prefix_blocks * self._block_size for view in views}
             self._routing_reasons[key] = {

@@ -97,6 +97,15 @@ def test_a_replica_with_requests_held_for_it_is_left_to_them_while_saturated() -
     assert sorted(sum(rank_ids([view("a", ongoing=8, max_ongoing=8), free_b], 0), [])) == ["a", "b"]
 
 
+def test_max_hold_s_bounds_a_hold_by_the_time_since_the_request_was_queued() -> None:
+    busy = [view("a", prefix_blocks=1, ongoing=8, max_ongoing=8), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
+    policy = RoutingPolicy(min_wait_blocks=4, max_hold_s=5.0)
+    assert rank_replicas(busy, 6, policy, waited_s=0.0, queued_s=4.9) == [(["b"], "prefix_hit")]
+    assert sorted(sum(rank_ids(busy, 6, policy, waited_s=0.0, queued_s=5.0), [])) == ["a", "b"]  # whichever frees
+    assert rank_replicas(busy, 6, RoutingPolicy(min_wait_blocks=4), waited_s=0.0, queued_s=500.0) == [
+        (["b"], "prefix_hit")]  # the default: no bound
+
+
 def test_a_saturated_holder_is_not_waited_for_when_the_match_is_shallow_or_its_queue_long() -> None:
     policy = RoutingPolicy(min_wait_blocks=4, max_waiting_for_affinity=2)
     shallow = [view("a", prefix_blocks=3), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
