@@ -199,6 +199,7 @@ class RequestOutput:
     # With `SamplingParams.prompt_logprobs`: per prompt token, its logprob, rank and top alternatives; the first
     # token's is None (nothing precedes it). Delta outputs carry them once, in the first output.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    error_status: int = 500  # with `error`: 400 when the request itself made it fail (its grammar cannot go on)
 
 
 def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -224,4 +225,5 @@ def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
         sorted(completions.values(), key=lambda completion: completion.index), later.finished,
         max(earlier.num_cached_tokens, later.num_cached_tokens), later.error or earlier.error, later.metrics,
         earlier.prompt_logprobs if earlier.prompt_logprobs is not None else later.prompt_logprobs,
+        error_status=later.error_status if later.error else earlier.error_status,
     )  # fmt: skip

@@ -171,8 +171,8 @@ class LLMEngine:
                 self.scheduler.finish(seq, "stop")
             elif seq.grammar is not None and not seq.is_finished:
                 grammar_error = seq.grammar.accept(seq.token_ids[-1])
-                if grammar_error is not None:
-                    self._mark_failed(request, grammar_error)
+                if grammar_error is not None:  # a dead state is the grammar's fault; a refused token, ours
+                    self._mark_failed(request, grammar_error, 400 if seq.grammar.dead else 500)
                 elif seq.grammar.terminated:  # the grammar is complete: nothing more may follow
                     self.scheduler.finish(seq, "stop")
         return failed + [output for request in touched.values() if (output := self._output(request)) is not None]
@@ -189,8 +189,8 @@ class LLMEngine:
             # A resumed request's grammar replays the output it already has (contract.ResumeState).
             for token_id in request.seqs[0].output_token_ids:
                 error = error or state.accept(token_id)
-            if error is not None:
-                self._mark_failed(request, error)
+            if error is not None:  # a grammar that did not compile or allows nothing is the client's error
+                self._mark_failed(request, error, 500 if state.ready and not state.dead else 400)
                 if (output := self._output(request)) is not None:
                     outputs.append(output)
         return outputs
@@ -241,9 +241,10 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    def _mark_failed(self, request: Request, message: str) -> None:
-        """End every sample of `request` with `abort` and the error; its output reports it."""
-        request.error = message
+    def _mark_failed(self, request: Request, message: str, status: int = 500) -> None:
+        """End every sample of `request` with `abort` and the error (`status`: 400 when the request caused it); its
+        output reports it."""
+        request.error, request.error_status = message, status
         for seq in request.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")

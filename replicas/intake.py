@@ -42,6 +42,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     error: str | None = None
+    error_status: int = 500  # 400 when the request itself made it fail (a grammar this vocabulary cannot go on in)
     # With `params.prompt_logprobs`: one entry per prompt token scored so far; the first token has none (None).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 

@@ -119,6 +119,7 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=first.num_cached_tokens,
             error=request.error,
+            error_status=request.error_status,
             metrics=RequestMetrics(request.arrival_time, first.first_scheduled_time, first_sample.first_token_time,
                                    first_sample.last_token_time),  # fmt: skip
             prompt_logprobs=prompt_logprobs,

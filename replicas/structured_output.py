@@ -31,6 +31,7 @@ class GrammarState:
         self.param = param  # the request field that asked for it, for error messages
         self.matcher: Any = None
         self.bitmask: torch.Tensor | None = None  # int32 [1, ceil(vocab / 32)], bit set: token allowed
+        self.dead = False  # no token of the vocabulary can follow: the grammar cannot be completed from here
 
     @property
     def ready(self) -> bool:
@@ -67,6 +68,7 @@ class GrammarState:
     def _fill_mask(self) -> str | None:
         self.matcher.fill_next_token_bitmask(self.bitmask, 0)
         if not bool(self.bitmask.any()):
+            self.dead = True
             return f"{self.param}: the grammar allows no next token (dead state); check the schema or grammar"
         return None
 

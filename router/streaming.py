@@ -82,6 +82,8 @@ async def replica_outputs(response: DeploymentResponseGenerator) -> AsyncIterato
     try:
         async for output in response:
             if output.error is not None:
+                if output.error_status == 400:  # the request's own fault (its grammar cannot go on)
+                    raise APIError(400, output.error)
                 raise APIError(500, f"the engine failed this request: {output.error}", code="engine_error")
             yield output
             if output.finished:

@@ -208,6 +208,7 @@ def test_a_dead_grammar_state_ends_the_request_with_an_error(engine) -> None:
         outputs += engine.step()
     final = [o for o in outputs if o.finished]
     assert len(final) == 1 and "dead state" in final[0].error
+    assert final[0].error_status == 400  # the grammar's fault, not the engine's: the router answers 400
     assert not engine.has_unfinished()
 
 

@@ -297,3 +297,25 @@ def test_errors_are_classified_by_their_cause() -> None:
         assert lost_replica_reason(api_error) == "actor_died"
     assert lost_replica_reason(EngineUnavailableError("gone")) == "engine_dead"
     assert lost_replica_reason(ValueError("other")) is None
+
+
+@pytest.mark.parametrize(("error_status", "expected"), [(400, 400), (500, 500)])
+def test_a_failed_output_is_answered_with_its_status_and_never_migrated(error_status: int, expected: int) -> None:
+    # A grammar that reaches a dead state is the request's fault (400); any other engine failure is a 500.
+    from router.streaming import replica_outputs
+
+    failed = RequestOutput("r", None, list(PROMPT), [CompletionOutput(0, "", [], "abort")], True,
+                           error="guided_regex: the grammar allows no next token (dead state)",
+                           error_status=error_status)  # fmt: skip
+
+    async def replica() -> AsyncIterator[RequestOutput]:
+        yield failed
+
+    async def go() -> None:
+        async for _ in replica_outputs(replica()):  # type: ignore[arg-type]
+            pass
+
+    with pytest.raises(APIError) as raised:
+        asyncio.run(go())
+    assert raised.value.status_code == expected
+    assert lost_replica_reason(raised.value) is None  # an answer, not a lost replica: not resumed elsewhere
