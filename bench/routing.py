@@ -279,6 +279,7 @@ class RouterResult:
     imbalance_samples: int
     predicted_hit_tokens: float | None = None
     per_replica_prompt_tokens: list[int] = field(default_factory=list)
+    ttfts: list[tuple[str, float, float]] = field(default_factory=list)  # (kind, start s, TTFT s) of each answer
 
 
 def run_router(name: str, deployment: Deployment, workload: Workload, words: list[str], users: int,
@@ -318,6 +319,8 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
             output_tok_s=sum(r.completion_tokens for r in records if r.error is None) / elapsed_s,
             imbalance=ratio, imbalance_samples=num_samples, predicted_hit_tokens=predicted,
             per_replica_prompt_tokens=queried,
+            ttfts=[(r.kind, round(r.start, 3), round(r.ttft, 3)) for r in records
+                   if r.ttft is not None and r.error is None],
         )  # fmt: skip
     finally:
         serve.delete(app_name)

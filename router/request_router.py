@@ -41,6 +41,8 @@ class ReplicaView:
     prefix_blocks: int = 0  # leading blocks of the request it holds (reported, or recently routed there)
     routed_since_report: int = 0  # requests this router sent since the stats were taken
     num_held: int = 0  # other requests this router is holding back for it while it is saturated
+    num_held_ahead: int = 0  # of those, the ones held since before this request was (all of them if it is not)
+    stats_age_s: float = 0.0  # how old `stats` is
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,14 @@ class RoutingPolicy:
     min_match_blocks: int = 1  # prefix blocks a replica must hold to attract a request
     max_waiting_for_affinity: int = 8  # a replica with more waiting requests is overloaded for affinity
     max_imbalance: int = 4  # ... and so is one with this many more ongoing requests than the least loaded
-    # A request whose prefix one replica holds at least `min_wait_blocks` deeper than any other waits for that
-    # replica while it is saturated: for as long as every other replica is saturated too (going elsewhere would
-    # queue as well, then pay the prefill), and once another has a free slot, for as long as prefilling those blocks
-    # there would take (`wait_per_block_s` each: 16 tokens of a 135M model on one busy CPU thread; far less on a
-    # GPU), at most `max_affinity_wait_s`. At most `max_held_for_affinity` requests wait for one replica at a time.
-    # (bench.routing --quick: 2 blocks at 0.3 s raised the hit rate from 63% to 66% over 4 blocks at 0.1 s, with
-    # TTFT p99 no worse.)
+    # A request whose prefix one replica holds at least `min_wait_blocks` deeper than any other may wait for that
+    # replica while it is saturated. When the replicas report wait estimates (`RoutingStats.remaining_steps`,
+    # `step_s`, `s_per_token`), it waits while the holder's next slot for it is estimated to free sooner than going
+    # elsewhere would start it (the soonest slot elsewhere plus prefilling the blocks the holder would have saved),
+    # and for no longer in all than that prefill takes. Without estimates: for as long as every other replica is
+    # saturated too, and once another has a free slot, for as long as prefilling those blocks there would take
+    # (`wait_per_block_s` each: 16 tokens of a 135M model on one busy CPU thread; far less on a GPU), at most
+    # `max_affinity_wait_s`. At most `max_held_for_affinity` requests wait for one replica at a time.
     min_wait_blocks: int = 2
     wait_per_block_s: float = 0.3
     max_affinity_wait_s: float = 3.0
@@ -183,9 +186,38 @@ def _worth_waiting_for(
     saved_blocks = holder.prefix_blocks - max((r.prefix_blocks for r in others), default=0)
     if saved_blocks < policy.min_wait_blocks:
         return False
+    hold_wait_s = _slot_wait_s(holder, _queue_ahead(holder, holder.num_held_ahead))
+    go_waits_s = [_slot_wait_s(r, _queue_ahead(r, r.num_held)) for r in others]
+    if hold_wait_s is not None and all(wait is not None for wait in go_waits_s) and holder.stats.s_per_token > 0:
+        saved_s = saved_blocks * holder.stats.block_size * holder.stats.s_per_token
+        go_wait_s = min((wait for wait in go_waits_s if wait is not None), default=0.0)
+        return hold_wait_s < go_wait_s + saved_s and waited_s < saved_s
     if all(_is_saturated(r) for r in others):
         return True  # elsewhere it would queue too, and then prefill those blocks again
     return waited_s < min(policy.max_affinity_wait_s, saved_blocks * policy.wait_per_block_s)
+
+
+def _queue_ahead(replica: ReplicaView, num_held: int) -> int:
+    """Requests ahead of a request for a slot on `replica`: waiting there, sent since its report, held for it."""
+    num_waiting = replica.stats.num_waiting if replica.stats is not None else 0
+    return num_waiting + replica.routed_since_report + num_held
+
+
+def _slot_wait_s(replica: ReplicaView, num_ahead: int) -> float | None:
+    """Estimated seconds until a slot frees on `replica` for a request with `num_ahead` requests queued before it
+    (0 while a slot is free), from its running requests' remaining steps at its mean step duration as reported;
+    None when the replica does not report estimates. An upper bound: EOS may end a request sooner."""
+    if not _is_saturated(replica):
+        return 0.0
+    stats = replica.stats
+    if stats is None or stats.step_s <= 0 or not stats.remaining_steps:
+        return None
+    elapsed_steps = replica.stats_age_s / stats.step_s
+    num_free = max(0, replica.max_ongoing_requests - len(stats.remaining_steps))  # free when reported
+    frees_s = [0.0] * num_free + [max(0.0, steps - elapsed_steps) * stats.step_s for steps in stats.remaining_steps]
+    # Beyond the first round each slot first serves a request queued before (taken as long as the longest running).
+    rounds, index = divmod(num_ahead, len(frees_s))
+    return frees_s[index] + rounds * frees_s[-1]
 
 
 def _queue_length(replica: ReplicaView) -> int:
@@ -227,8 +259,9 @@ class KVAwareRequestRouter(RequestRouter):
         # request -> {replica id: (why it was ranked, prefix tokens it should hold)}, from the latest ranking,
         # until Serve reports the placement
         self._routing_reasons: OrderedDict[str, dict[str, tuple[str, int]]] = OrderedDict()
-        # request -> (replica id, when last asked): requests held back for a saturated replica holding their prefix
-        self._held: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # request -> (replica id, held since, when last asked): requests held back for a saturated replica holding
+        # their prefix
+        self._held: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
         # request -> when it first passed up a replica with a free slot to wait for its prefix's holder
         self._passed_up_since: OrderedDict[str, float] = OrderedDict()
         self._block_size = 0  # tokens per prefix hash, from the replicas' reports (0 until the first)
@@ -246,8 +279,8 @@ class KVAwareRequestRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         now = time.time()
         key = _request_key(pending_request) if pending_request is not None else None
-        held = self._held_counts(now, exclude=key)
-        views = [self._view(replica, request_hashes, now, held) for replica in candidate_replicas]
+        held, held_ahead = self._held_counts(now, key)
+        views = [self._view(replica, request_hashes, now, held, held_ahead) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         created_at = getattr(pending_request, "created_at", None)  # when Serve queued it
         queued_s = now - created_at if created_at is not None else None
@@ -261,7 +294,9 @@ class KVAwareRequestRouter(RequestRouter):
             }
             held_for = _held_for(ranks, views)
             if held_for is not None:
-                self._held[key] = (held_for, now)
+                previous = self._held.get(key)
+                held_since = previous[1] if previous is not None and previous[0] == held_for else now
+                self._held[key] = (held_for, held_since, now)
                 self._held.move_to_end(key)
             else:
                 self._held.pop(key, None)
@@ -282,13 +317,19 @@ class KVAwareRequestRouter(RequestRouter):
             return 0.0
         return now - self._passed_up_since.setdefault(key, now)
 
-    def _held_counts(self, now: float, exclude: str | None) -> dict[str, int]:
-        """Requests held back per replica, of those Serve asked about lately (a cancelled one stops being asked)."""
+    def _held_counts(self, now: float, request_key: str | None) -> tuple[dict[str, int], dict[str, int]]:
+        """Other requests held back per replica, of those Serve asked about lately (a cancelled one stops being
+        asked); and of those, the ones held since before this request was."""
+        own = self._held.get(request_key) if request_key is not None else None
+        own_since = own[1] if own is not None else float("inf")
         counts: dict[str, int] = {}
-        for key, (replica_id, asked_at) in self._held.items():
-            if key != exclude and now - asked_at <= _HELD_FRESH_S:
+        ahead: dict[str, int] = {}
+        for key, (replica_id, held_since, asked_at) in self._held.items():
+            if key != request_key and now - asked_at <= _HELD_FRESH_S:
                 counts[replica_id] = counts.get(replica_id, 0) + 1
-        return counts
+                if held_since < own_since:
+                    ahead[replica_id] = ahead.get(replica_id, 0) + 1
+        return counts, ahead
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         unique_id = replica_id.unique_id
@@ -323,13 +364,19 @@ class KVAwareRequestRouter(RequestRouter):
         self._stale_warned &= live
 
     def _view(
-        self, replica: RunningReplica, request_hashes: list[str], now: float, held: dict[str, int]
+        self,
+        replica: RunningReplica,
+        request_hashes: list[str],
+        now: float,
+        held: dict[str, int],
+        held_ahead: dict[str, int],
     ) -> ReplicaView:
         unique_id = replica.replica_id.unique_id
         report = self._parsed_report(unique_id, replica.routing_stats)
         stats: RoutingStats | None = None
         reported: frozenset[str] = frozenset()
         routed_since = 0
+        age_s = 0.0
         if report is not None:
             stats, reported = report.stats, report.prefix_hashes
             self._block_size = stats.block_size
@@ -362,6 +409,8 @@ class KVAwareRequestRouter(RequestRouter):
             prefix_blocks=matched_blocks(request_hashes, reported, recent) if request_hashes else 0,
             routed_since_report=routed_since,
             num_held=held.get(unique_id, 0),
+            num_held_ahead=held_ahead.get(unique_id, 0),
+            stats_age_s=max(0.0, age_s),
         )
 
     def _parsed_report(self, unique_id: str, raw: dict[str, Any] | None) -> _ParsedReport | None:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -104,6 +104,49 @@ def test_max_hold_s_bounds_a_hold_by_the_time_since_the_request_was_queued() -> 
     assert sorted(sum(rank_ids(busy, 6, policy, waited_s=0.0, queued_s=5.0), [])) == ["a", "b"]  # whichever frees
     assert rank_replicas(busy, 6, RoutingPolicy(min_wait_blocks=4), waited_s=0.0, queued_s=500.0) == [
         (["b"], "prefix_hit")]  # the default: no bound
+
+
+def estimating(replica_id: str, *, prefix_blocks: int = 0, ongoing: int = 4, remaining: tuple[int, ...] = (),
+               held: int = 0, held_ahead: int = 0, age_s: float = 0.0) -> ReplicaView:  # fmt: skip
+    """A replica of 4 slots reporting wait estimates: 0.1 s a step, 0.01 s a prefilled token (0.16 s a block)."""
+    stats = replace(report(), remaining_steps=list(remaining), step_s=0.1, s_per_token=0.01)
+    return ReplicaView(replica_id, 4, ongoing, stats, prefix_blocks, num_held=held, num_held_ahead=held_ahead,
+                       stats_age_s=age_s)  # fmt: skip
+
+
+def test_with_estimates_a_saturated_holder_is_waited_for_while_its_slot_frees_sooner_than_a_prefill_elsewhere() -> None:
+    # Holding saves 5 blocks = 80 tokens = 0.8 s of prefill; b's next slot frees in 2 steps = 0.2 s.
+    policy = RoutingPolicy(min_wait_blocks=2)
+    holder = estimating("b", prefix_blocks=6, remaining=(2, 20, 20, 20))
+    free_a = estimating("a", prefix_blocks=1, ongoing=1, remaining=(5,))
+    assert rank_replicas([free_a, holder], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]
+    # Waiting already cost as much as the prefill it saves (the estimate was wrong): no longer.
+    assert first_choice(rank_ids([free_a, holder], 6, policy, waited_s=0.8)) == ["a"]
+    # b's soonest slot is 3 s away: prefilling on a (free now) is sooner.
+    slow_holder = estimating("b", prefix_blocks=6, remaining=(30, 30, 30, 30))
+    assert first_choice(rank_ids([free_a, slow_holder], 6, policy, waited_s=0.0)) == ["a"]
+    # The report is 2.5 s old: 25 of b's 30 steps have passed since, 0.5 s left.
+    aged = estimating("b", prefix_blocks=6, remaining=(30, 30, 30, 30), age_s=2.5)
+    assert rank_replicas([free_a, aged], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]
+
+
+def test_with_estimates_a_hold_ends_when_another_saturated_replica_frees_much_sooner() -> None:
+    """The tail the fixed rule had: every replica saturated, the holder's slots far off, another's nearly free."""
+    policy = RoutingPolicy(min_wait_blocks=2)
+    holder = estimating("b", prefix_blocks=6, remaining=(30, 30, 30, 30))
+    soon_a = estimating("a", prefix_blocks=1, remaining=(1, 30, 30, 30))
+    assert first_choice(rank_ids([soon_a, holder], 6, policy, waited_s=0.0)) == ["a"]  # 0.1 + 0.8 s < 3 s
+    late_a = estimating("a", prefix_blocks=1, remaining=(28, 30, 30, 30))
+    assert rank_replicas([late_a, holder], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]  # 2.8 + 0.8 > 3
+
+
+def test_with_estimates_requests_held_earlier_for_the_same_replica_come_first() -> None:
+    policy = RoutingPolicy(min_wait_blocks=2)
+    free_a = estimating("a", prefix_blocks=1, ongoing=1, remaining=(5,))
+    first = estimating("b", prefix_blocks=6, remaining=(2, 20, 20, 20), held=1, held_ahead=0)
+    assert rank_replicas([free_a, first], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]
+    second = estimating("b", prefix_blocks=6, remaining=(2, 20, 20, 20), held=1, held_ahead=1)  # its slot: 2 s
+    assert first_choice(rank_ids([free_a, second], 6, policy, waited_s=0.0)) == ["a"]
 
 
 def test_a_saturated_holder_is_not_waited_for_when_the_match_is_shallow_or_its_queue_long() -> None:
