@@ -83,6 +83,9 @@ class Workload:
     turns: int = 6  # per conversation; then the user starts a new one
     think_s: float = 1.0  # mean of the exponential think time between a user's turns
     one_off_share: float = 0.2
+    # Users join evenly over the first `ramp_s` seconds (a load generator's spawn rate): a run that opened with every
+    # user's first prompt at once would put that burst's queueing (the same under every router) in the TTFT tail.
+    ramp_s: float = 10.0
 
 
 def words_text(rng: random.Random, words: list[str], count: tuple[int, int]) -> str:
@@ -92,8 +95,9 @@ def words_text(rng: random.Random, words: list[str], count: tuple[int, int]) -> 
 class ChatUser:
     """One user's seeded request sequence: chat turns (the answers appended as they come) and one-off prompts."""
 
-    def __init__(self, workload: Workload, words: list[str], system: str, user_index: int) -> None:
+    def __init__(self, workload: Workload, words: list[str], system: str, user_index: int, join_s: float = 0.0) -> None:
         self.workload = workload
+        self.join_s = join_s  # when the user sends its first request, from the start of the run
         self.words = words
         self.system = system
         self.rng = random.Random(workload.seed * 1_000_003 + user_index)
@@ -151,12 +155,13 @@ async def chat(client: httpx.AsyncClient, url: str, model: str, messages: list[d
 
 
 async def drive(url: str, model: str, users: list[ChatUser], requests_per_user: int) -> tuple[list[Record], float]:
-    """Every user sends `requests_per_user` requests back to back (with think time); the records and the seconds
-    from the start to the last answer."""
+    """Every user joins at its place in the ramp and sends `requests_per_user` requests back to back (with think
+    time); the records and the seconds from the start to the last answer."""
     t0 = time.perf_counter()
     records: list[Record] = []
 
     async def user_loop(user: ChatUser, client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(user.join_s)
         for _ in range(requests_per_user):
             kind, messages, max_tokens = user.next_request()
             record = Record(kind, time.perf_counter() - t0)
@@ -193,7 +198,9 @@ def start_ray(num_cpus: int) -> tuple[int, int]:
     metrics_port = free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE",
-                                       "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}},
+                                       "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                                       **({"PAGED_SERVE_ROUTING_TRACE": os.environ["PAGED_SERVE_ROUTING_TRACE"]}
+                                          if "PAGED_SERVE_ROUTING_TRACE" in os.environ else {})}},
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
     http_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
@@ -301,7 +308,7 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
         replicas = replica_actors(app_name)
         before = stats_of(replicas)
         system = words_text(random.Random(workload.seed), words, (workload.system_words, workload.system_words))
-        chat_users = [ChatUser(workload, words, system, index) for index in range(users)]
+        chat_users = [ChatUser(workload, words, system, index, workload.ramp_s * index / users) for index in range(users)]
         # Each replica's running + waiting requests, every 0.5 s while the load runs.
         with Poller(lambda: [s["num_running"] + s["num_waiting"] for s in stats_of(replicas)]) as sampler:
             records, elapsed_s = asyncio.run(drive(url, "bench", chat_users, requests_per_user))

@@ -135,12 +135,6 @@ class RoutingStats:
     num_preemptions: int
     pid: int
     prefix_hashes: list[str] = field(default_factory=list)  # hex, most recently registered last
-    # Wait estimates (older replicas leave them empty: the router then falls back to fixed bounds): the steps each
-    # running request still needs at most, fewest first; the mean step duration; what one more token in a step
-    # costs (a prefilled token), in seconds.
-    remaining_steps: list[int] = field(default_factory=list)
-    step_s: float = 0.0
-    s_per_token: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -152,9 +152,6 @@ class LLMReplica:
             num_preemptions=stats.num_preemptions,
             pid=os.getpid(),
             prefix_hashes=[block_hash.hex() for block_hash in recent_hashes],
-            remaining_steps=list(stats.remaining_steps),
-            step_s=stats.step_s,
-            s_per_token=stats.s_per_token,
         ).to_dict()
 
     def __del__(self) -> None:

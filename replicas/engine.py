@@ -15,7 +15,7 @@ from replicas.contract import ModelInfo, RequestOutput, ResumeState
 from replicas.intake import OutputKind, Request, RequestError, RequestIntake
 from replicas.model_runner import ModelRunner
 from replicas.output_processor import OutputProcessor
-from replicas.outputs import EngineStats, StepCostModel
+from replicas.outputs import EngineStats
 from replicas.prompt_logprobs import record_prompt_logprobs
 from replicas.sampler import Sampler
 from replicas.sampling_params import SamplingParams
@@ -73,7 +73,6 @@ class LLMEngine:
         # Tokens computed by each recent step, oldest first: the replica drains it into its tokens-per-step
         # histogram. NOTE: a deque, so the engine thread can append while another thread pops from the left.
         self.recent_step_num_tokens: deque[int] = deque(maxlen=4096)
-        self.step_cost = StepCostModel()
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: object) -> LLMEngine:
@@ -150,7 +149,6 @@ class LLMEngine:
             return failed
         self.num_steps += 1
         self.recent_step_num_tokens.append(scheduled.num_batched_tokens)
-        started = time.perf_counter()
         try:
             model_output = self.model_runner.execute(scheduled)
             if model_output.prompt_spans:
@@ -165,7 +163,6 @@ class LLMEngine:
             return failed + self._fail(scheduled, error)
 
         self.scheduler.update_from_output(scheduled, sampled_seqs, sampled.token_ids)
-        self.step_cost.add(scheduled.num_batched_tokens, time.perf_counter() - started)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, token_logprobs in zip(sampled_seqs, sampled.logprobs):
@@ -259,7 +256,7 @@ class LLMEngine:
     # --- statistics -------------------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        """Counters maintained as the engine runs, cheap enough to take after every step (O(running))."""
+        """Counters maintained as the engine runs: O(1), cheap enough to take after every step."""
         block_manager = self.block_manager
         scheduler = self.scheduler
         num_used_blocks = block_manager.num_total_blocks - block_manager.num_free_blocks
@@ -279,19 +276,7 @@ class LLMEngine:
             num_generation_tokens=scheduler.num_generation_tokens,
             num_steps=self.num_steps,
             num_requests_finished=self.num_requests_finished,
-            remaining_steps=self._remaining_steps(),
-            step_s=self.step_cost.step_s,
-            s_per_token=self.step_cost.s_per_token,
         )
-
-    def _remaining_steps(self) -> tuple[int, ...]:
-        """Per running request, the steps it needs at most to finish, fewest first."""
-        steps: dict[str, int] = {}
-        for seq in self.scheduler.running:
-            max_tokens = seq.params.max_tokens or self.max_model_len - seq.num_prompt_tokens
-            remaining = max(0, max_tokens - seq.num_output_tokens) + int(seq.is_prefilling)
-            steps[seq.request_id] = max(steps.get(seq.request_id, 0), remaining)
-        return tuple(sorted(steps.values()))
 
 
 def _eos_token_ids(model_dir: str, tokenizer: object) -> set[int]:

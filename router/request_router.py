@@ -14,7 +14,9 @@ Signals, freshest first:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
@@ -41,8 +43,7 @@ class ReplicaView:
     prefix_blocks: int = 0  # leading blocks of the request it holds (reported, or recently routed there)
     routed_since_report: int = 0  # requests this router sent since the stats were taken
     num_held: int = 0  # other requests this router is holding back for it while it is saturated
-    num_held_ahead: int = 0  # of those, the ones held since before this request was (all of them if it is not)
-    stats_age_s: float = 0.0  # how old `stats` is
+    num_held_ahead: int = 0  # of those, the ones Serve queued before this request
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,13 @@ class RoutingPolicy:
     min_match_blocks: int = 1  # prefix blocks a replica must hold to attract a request
     max_waiting_for_affinity: int = 8  # a replica with more waiting requests is overloaded for affinity
     max_imbalance: int = 4  # ... and so is one with this many more ongoing requests than the least loaded
-    # A request whose prefix one replica holds at least `min_wait_blocks` deeper than any other may wait for that
-    # replica while it is saturated. When the replicas report wait estimates (`RoutingStats.remaining_steps`,
-    # `step_s`, `s_per_token`), it waits while the holder's next slot for it is estimated to free sooner than going
-    # elsewhere would start it (the soonest slot elsewhere plus prefilling the blocks the holder would have saved),
-    # and for no longer in all than that prefill takes. Without estimates: for as long as every other replica is
-    # saturated too, and once another has a free slot, for as long as prefilling those blocks there would take
-    # (`wait_per_block_s` each: 16 tokens of a 135M model on one busy CPU thread; far less on a GPU), at most
-    # `max_affinity_wait_s`. At most `max_held_for_affinity` requests wait for one replica at a time.
+    # A request whose prefix one replica holds at least `min_wait_blocks` deeper than any other waits for that
+    # replica while it is saturated: for as long as every other replica is saturated too (going elsewhere would
+    # queue as well, then pay the prefill), and once another has a free slot, for as long as prefilling those blocks
+    # there would take (`wait_per_block_s` each: 16 tokens of a 135M model on one busy CPU thread; far less on a
+    # GPU), at most `max_affinity_wait_s`. At most `max_held_for_affinity` requests wait for one replica at a time.
+    # (bench.routing --quick: 2 blocks at 0.3 s raised the hit rate from 63% to 66% over 4 blocks at 0.1 s, with
+    # TTFT p99 no worse.)
     min_wait_blocks: int = 2
     wait_per_block_s: float = 0.3
     max_affinity_wait_s: float = 3.0
@@ -87,7 +87,16 @@ def _load_key(replica: ReplicaView) -> tuple[float, float, float]:
 
 
 def _is_saturated(replica: ReplicaView) -> bool:
-    return replica.num_ongoing is not None and replica.num_ongoing >= replica.max_ongoing_requests
+    """No slot there for this request: its ongoing requests, and those held for it since before this one (the
+    next slots to free are theirs), fill it."""
+    if replica.num_ongoing is None:
+        return False
+    return replica.num_ongoing + replica.num_held_ahead >= replica.max_ongoing_requests
+
+
+def _free_slots(replica: ReplicaView) -> int:
+    """Slots free there for this request (none promised to requests held for it since before)."""
+    return max(0, replica.max_ongoing_requests - (replica.num_ongoing or 0) - replica.num_held_ahead)
 
 
 def _overloaded_for_affinity(
@@ -112,6 +121,7 @@ def rank_replicas(
     rng: random.Random | None = None,
     waited_s: float | None = None,
     queued_s: float | None = None,
+    num_older_waiting: int = 0,
 ) -> list[tuple[list[str], str]]:
     """Replica ids in ranks, best first, each with why it is there (prefix_hit, least_loaded or fallback: a
     metric's label); Serve tries each rank in turn and skips replicas that refuse.
@@ -124,8 +134,9 @@ def rank_replicas(
     Except: a saturated replica holding the request's prefix `min_wait_blocks` or more deeper than any other, with a
     short queue, is the only rank (Serve backs off and asks again when it refuses) while every other replica is
     saturated too, or the request has passed up a free replica (`waited_s`: for how long) for less than prefilling
-    those blocks there would take. A saturated replica that requests are held back for is left out of the others'
-    ranks (unless every replica is one), so that the slot freeing there goes to a held request.
+    those blocks there would take. A replica whose free slots are promised to requests held for it since before this
+    one is left out, so that the slot freeing there goes to them in turn; and while no more slots are free than
+    requests queued before this one wait for any replica (`num_older_waiting`), it waits its turn: no ranks.
     """
     rng = rng or random.Random()
     if not replicas:
@@ -136,6 +147,8 @@ def rank_replicas(
     holder = max(shuffled, key=lambda r: r.prefix_blocks)
     if waited_s is not None and _worth_waiting_for(holder, shuffled, policy, waited_s, queued_s):
         return [([holder.replica_id], "prefix_hit")]
+    if num_older_waiting and sum(_free_slots(r) for r in replicas) <= num_older_waiting:
+        return []  # the free slots are for requests queued before this one: it waits its turn (Serve backs off)
     # The deepest match among replicas fit to take it; among equally deep ones (a hot prefix that spilled over,
     # a shared system prompt every replica holds) the least loaded, so affinity never piles onto one replica.
     fit = [
@@ -150,11 +163,10 @@ def rank_replicas(
             shuffled.remove(best)
     if not shuffled:
         return ranked
-    # A saturated replica that requests are held back for (its prefix's holders) is theirs when a slot frees there:
-    # requests that could go anywhere wait for another, unless every replica is such a one.
-    reserved = [r for r in shuffled if r.num_held > 0 and _is_saturated(r)]
-    if len(reserved) < len(shuffled):
-        shuffled = [r for r in shuffled if r not in reserved]
+    # A replica whose next free slots are promised to requests held for it (its prefix's holders) is theirs: a
+    # request that could go anywhere, or arrived later, must not take the slot as it frees (when it would get there
+    # first: the held ones ask again only after a backoff). It waits for another, or its turn.
+    shuffled = [r for r in shuffled if not (r.num_held_ahead > 0 and _is_saturated(r))]
     fresh = [r for r in shuffled if r.stats is not None]
     if fresh:
         ordered = sorted(fresh, key=_load_key)
@@ -186,38 +198,9 @@ def _worth_waiting_for(
     saved_blocks = holder.prefix_blocks - max((r.prefix_blocks for r in others), default=0)
     if saved_blocks < policy.min_wait_blocks:
         return False
-    hold_wait_s = _slot_wait_s(holder, _queue_ahead(holder, holder.num_held_ahead))
-    go_waits_s = [_slot_wait_s(r, _queue_ahead(r, r.num_held)) for r in others]
-    if hold_wait_s is not None and all(wait is not None for wait in go_waits_s) and holder.stats.s_per_token > 0:
-        saved_s = saved_blocks * holder.stats.block_size * holder.stats.s_per_token
-        go_wait_s = min((wait for wait in go_waits_s if wait is not None), default=0.0)
-        return hold_wait_s < go_wait_s + saved_s and waited_s < saved_s
     if all(_is_saturated(r) for r in others):
         return True  # elsewhere it would queue too, and then prefill those blocks again
     return waited_s < min(policy.max_affinity_wait_s, saved_blocks * policy.wait_per_block_s)
-
-
-def _queue_ahead(replica: ReplicaView, num_held: int) -> int:
-    """Requests ahead of a request for a slot on `replica`: waiting there, sent since its report, held for it."""
-    num_waiting = replica.stats.num_waiting if replica.stats is not None else 0
-    return num_waiting + replica.routed_since_report + num_held
-
-
-def _slot_wait_s(replica: ReplicaView, num_ahead: int) -> float | None:
-    """Estimated seconds until a slot frees on `replica` for a request with `num_ahead` requests queued before it
-    (0 while a slot is free), from its running requests' remaining steps at its mean step duration as reported;
-    None when the replica does not report estimates. An upper bound: EOS may end a request sooner."""
-    if not _is_saturated(replica):
-        return 0.0
-    stats = replica.stats
-    if stats is None or stats.step_s <= 0 or not stats.remaining_steps:
-        return None
-    elapsed_steps = replica.stats_age_s / stats.step_s
-    num_free = max(0, replica.max_ongoing_requests - len(stats.remaining_steps))  # free when reported
-    frees_s = [0.0] * num_free + [max(0.0, steps - elapsed_steps) * stats.step_s for steps in stats.remaining_steps]
-    # Beyond the first round each slot first serves a request queued before (taken as long as the longest running).
-    rounds, index = divmod(num_ahead, len(frees_s))
-    return frees_s[index] + rounds * frees_s[-1]
 
 
 def _queue_length(replica: ReplicaView) -> int:
@@ -259,9 +242,9 @@ class KVAwareRequestRouter(RequestRouter):
         # request -> {replica id: (why it was ranked, prefix tokens it should hold)}, from the latest ranking,
         # until Serve reports the placement
         self._routing_reasons: OrderedDict[str, dict[str, tuple[str, int]]] = OrderedDict()
-        # request -> (replica id, held since, when last asked): requests held back for a saturated replica holding
-        # their prefix
-        self._held: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
+        # request -> (when Serve queued it, the replica it is held back for or None, when last asked about): requests
+        # waiting for a slot, each either for the saturated replica holding its prefix or for any
+        self._waiting: OrderedDict[str, tuple[float, str | None, float]] = OrderedDict()
         # request -> when it first passed up a replica with a free slot to wait for its prefix's holder
         self._passed_up_since: OrderedDict[str, float] = OrderedDict()
         self._block_size = 0  # tokens per prefix hash, from the replicas' reports (0 until the first)
@@ -279,28 +262,30 @@ class KVAwareRequestRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         now = time.time()
         key = _request_key(pending_request) if pending_request is not None else None
-        held, held_ahead = self._held_counts(now, key)
+        created_at = getattr(pending_request, "created_at", None)  # when Serve queued it
+        if created_at is None:
+            previous = self._waiting.get(key) if key is not None else None
+            created_at = previous[0] if previous is not None else now
+        held, held_ahead, num_older_waiting = self._waiting_ahead(now, key, created_at)
         views = [self._view(replica, request_hashes, now, held, held_ahead) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
-        created_at = getattr(pending_request, "created_at", None)  # when Serve queued it
-        queued_s = now - created_at if created_at is not None else None
+        queued_s = now - created_at
         ranks = rank_replicas(
-            views, len(request_hashes), self._policy, self._rng, self._passed_up_s(key, views, now), queued_s
-        )
+            views, len(request_hashes), self._policy, self._rng, self._passed_up_s(key, views, now), queued_s,
+            num_older_waiting,
+        )  # fmt: skip
+        if _TRACE is not None:
+            _trace("rank", key=key, blocks=len(request_hashes), queued_s=queued_s, older_waiting=num_older_waiting,
+                   ranks=ranks, views=[_trace_view(view) for view in views])  # fmt: skip
         if key is not None:  # why each replica was offered, counted once Serve has placed the request
             predicted = {view.replica_id: view.prefix_blocks * self._block_size for view in views}
             self._routing_reasons[key] = {
                 replica_id: (reason, predicted[replica_id]) for rank, reason in ranks for replica_id in rank
             }
-            held_for = _held_for(ranks, views)
-            if held_for is not None:
-                previous = self._held.get(key)
-                held_since = previous[1] if previous is not None and previous[0] == held_for else now
-                self._held[key] = (held_for, held_since, now)
-                self._held.move_to_end(key)
-            else:
-                self._held.pop(key, None)
-            for table in (self._routing_reasons, self._held, self._passed_up_since):
+            # Until Serve reports it placed, the request waits (for a replica, or any): newer requests queue behind.
+            self._waiting[key] = (created_at, _held_for(ranks, views), now)
+            self._waiting.move_to_end(key)
+            for table in (self._routing_reasons, self._waiting, self._passed_up_since):
                 while len(table) > self._max_recent_routes:  # requests never placed (refused, cancelled)
                     table.popitem(last=False)
         return [[by_id[replica_id] for replica_id in rank] for rank, _ in ranks]
@@ -317,24 +302,33 @@ class KVAwareRequestRouter(RequestRouter):
             return 0.0
         return now - self._passed_up_since.setdefault(key, now)
 
-    def _held_counts(self, now: float, request_key: str | None) -> tuple[dict[str, int], dict[str, int]]:
-        """Other requests held back per replica, of those Serve asked about lately (a cancelled one stops being
-        asked); and of those, the ones held since before this request was."""
-        own = self._held.get(request_key) if request_key is not None else None
-        own_since = own[1] if own is not None else float("inf")
-        counts: dict[str, int] = {}
-        ahead: dict[str, int] = {}
-        for key, (replica_id, held_since, asked_at) in self._held.items():
-            if key != request_key and now - asked_at <= _HELD_FRESH_S:
-                counts[replica_id] = counts.get(replica_id, 0) + 1
-                if held_since < own_since:
-                    ahead[replica_id] = ahead.get(replica_id, 0) + 1
-        return counts, ahead
+    def _waiting_ahead(
+        self, now: float, request_key: str | None, created_at: float
+    ) -> tuple[dict[str, int], dict[str, int], int]:
+        """Of the other requests waiting for a slot that Serve asked about lately (a cancelled one stops being
+        asked): how many are held back for each replica; of those, how many were queued before this request; and
+        how many queued before it wait for any replica."""
+        held: dict[str, int] = {}
+        held_ahead: dict[str, int] = {}
+        num_older_waiting = 0
+        for key, (queued_at, held_for, asked_at) in self._waiting.items():
+            if key == request_key or now - asked_at > _WAITING_FRESH_S:
+                continue
+            older = queued_at < created_at
+            if held_for is None:
+                num_older_waiting += older
+                continue
+            held[held_for] = held.get(held_for, 0) + 1
+            if older:
+                held_ahead[held_for] = held_ahead.get(held_for, 0) + 1
+        return held, held_ahead, num_older_waiting
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         unique_id = replica_id.unique_id
         key = _request_key(pending_request)
-        self._held.pop(key, None)
+        if _TRACE is not None:
+            _trace("routed", key=key, replica=unique_id, blocks=len(_request_hashes(pending_request)))
+        self._waiting.pop(key, None)
         self._passed_up_since.pop(key, None)
         reason, predicted_tokens = self._routing_reasons.pop(key, {}).get(unique_id, ("fallback", 0))
         deployment_id = getattr(self, "_deployment_id", None)  # set by Serve's constructor
@@ -376,7 +370,6 @@ class KVAwareRequestRouter(RequestRouter):
         stats: RoutingStats | None = None
         reported: frozenset[str] = frozenset()
         routed_since = 0
-        age_s = 0.0
         if report is not None:
             stats, reported = report.stats, report.prefix_hashes
             self._block_size = stats.block_size
@@ -410,7 +403,6 @@ class KVAwareRequestRouter(RequestRouter):
             routed_since_report=routed_since,
             num_held=held.get(unique_id, 0),
             num_held_ahead=held_ahead.get(unique_id, 0),
-            stats_age_s=max(0.0, age_s),
         )
 
     def _parsed_report(self, unique_id: str, raw: dict[str, Any] | None) -> _ParsedReport | None:
@@ -441,7 +433,7 @@ class _ParsedReport:
     prefix_hashes: frozenset[str]
 
 
-_HELD_FRESH_S = 2.0  # Serve asks again about a request it could not place at least every 0.2 s (max_backoff_s)
+_WAITING_FRESH_S = 2.0  # Serve asks again about a request it could not place at least every 0.2 s (max_backoff_s)
 
 
 def _held_for(ranks: list[tuple[list[str], str]], views: list[ReplicaView]) -> str | None:
@@ -464,3 +456,22 @@ def _request_hashes(pending_request: PendingRequest | None) -> list[str]:
         return []
     hashes = pending_request.kwargs.get("prefix_hashes")
     return list(hashes) if hashes else []
+
+
+# Decision trace for diagnosing routing (bench.routing passes it on): set PAGED_SERVE_ROUTING_TRACE to a path prefix
+# and every router process appends one JSON line per ranking and per placement to <prefix>.<pid>.
+_TRACE = os.environ.get("PAGED_SERVE_ROUTING_TRACE")
+
+
+def _trace(event: str, **fields: Any) -> None:
+    with open(f"{_TRACE}.{os.getpid()}", "a") as file:
+        file.write(json.dumps({"t": time.time(), "event": event, **fields}, default=str) + "\n")
+
+
+def _trace_view(view: ReplicaView) -> dict[str, Any]:
+    stats = view.stats
+    return {
+        "id": view.replica_id, "ongoing": view.num_ongoing, "prefix_blocks": view.prefix_blocks,
+        "held": view.num_held, "held_ahead": view.num_held_ahead, "routed_since_report": view.routed_since_report,
+        "waiting": stats.num_waiting if stats else None, "free_blocks": stats.num_free_blocks if stats else None,
+    }  # fmt: skip

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from replicas.outputs import StepCostModel
 from replicas.scheduler import Scheduler
 from tests.engine.helpers import generate_greedy, greedy, make_engine, random_prompts
 
@@ -101,34 +100,3 @@ def test_max_num_seqs_bounds_the_batch(tiny_llama_dir: Path) -> None:
         engine.step()
         sizes.append(len(scheduler.running))
     assert max(sizes) == 3
-
-
-def test_stats_report_each_running_request_s_remaining_steps_and_the_step_cost(tiny_llama_dir: Path) -> None:
-    engine = make_engine(tiny_llama_dir, max_num_batched_tokens=4096)
-    prompts = random_prompts(2, 20, 30, seed=13)
-    engine.add_request("short", prompts[0], greedy(5))
-    engine.add_request("long", prompts[1], greedy(9))
-    assert engine.stats().remaining_steps == ()  # nothing runs before the first step
-    engine.step()  # both prompts prefilled, one token each
-    stats = engine.stats()
-    assert stats.remaining_steps == (4, 8)
-    assert stats.step_s > 0 and stats.s_per_token > 0
-    for _ in range(4):
-        engine.step()
-    assert engine.stats().remaining_steps == (4,)  # "short" finished
-    while engine.has_unfinished():
-        engine.step()
-    assert engine.stats().remaining_steps == ()
-
-
-def test_the_step_cost_model_fits_fixed_plus_per_token_cost() -> None:
-    model = StepCostModel()
-    assert model.step_s == 0.0 and model.s_per_token == 0.0
-    for num_tokens in [4, 300, 4, 4, 520, 64, 4, 130] * 4:
-        model.add(num_tokens, 0.05 + 0.002 * num_tokens)
-    assert abs(model.s_per_token - 0.002) < 1e-9
-    alike = StepCostModel()
-    for _ in range(10):
-        alike.add(4, 0.06)
-    assert abs(alike.step_s - 0.06) < 1e-12
-    assert abs(alike.s_per_token - 0.015) < 1e-12  # no spread to fit a slope to: seconds per token, an upper bound

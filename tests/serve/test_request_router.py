@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -85,16 +85,29 @@ def test_a_saturated_deep_holder_is_waited_for_while_every_other_replica_is_satu
     policy = RoutingPolicy(min_wait_blocks=4, wait_per_block_s=0.1, max_affinity_wait_s=3.0, max_held_for_affinity=2)
     busy = [view("a", prefix_blocks=1, ongoing=8, max_ongoing=8), view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)]
     assert rank_replicas(busy, 6, policy, waited_s=100.0) == [(["b"], "prefix_hit")]
-    crowded = [busy[0], ReplicaView("b", 8, 8, report(), prefix_blocks=6, num_held=2)]  # two already wait for b
+    crowded = [busy[0], ReplicaView("b", 8, 8, report(), prefix_blocks=6, num_held=2, num_held_ahead=2)]  # two wait
     assert rank_ids(crowded, 6, policy, waited_s=0.0) == [["a"]]  # not held: b's next slots go to those two
 
 
 def test_a_replica_with_requests_held_for_it_is_left_to_them_while_saturated() -> None:
-    held_for_b = ReplicaView("b", 8, 8, report(), num_held=1)
+    held_for_b = ReplicaView("b", 8, 8, report(), num_held=1, num_held_ahead=1)
     assert sum(rank_ids([view("a", ongoing=8, max_ongoing=8), held_for_b], 0), []) == ["a"]
-    assert sum(rank_ids([held_for_b], 0), []) == ["b"]  # every replica is one: still a last resort
-    free_b = ReplicaView("b", 8, 3, report(), num_held=1)  # a slot is free there: nobody is waiting for it
+    assert rank_ids([held_for_b], 0) == []  # every replica is one: it waits for its turn (Serve backs off)
+    free_b = ReplicaView("b", 8, 3, report(), num_held=1, num_held_ahead=1)  # more slots free than held for it
     assert sorted(sum(rank_ids([view("a", ongoing=8, max_ongoing=8), free_b], 0), [])) == ["a", "b"]
+
+
+def test_a_slot_freeing_on_a_replica_goes_to_the_request_held_longest_for_it_not_to_a_newcomer() -> None:
+    """The tail bench.routing's trace showed: held requests ask again only after a backoff, so a request arriving
+    as the slot freed took it, again and again, and one held request waited 22 s."""
+    one_free = {"max_ongoing_requests": 8, "num_ongoing": 7, "stats": report()}
+    newcomer = [view("a", ongoing=8, max_ongoing=8), ReplicaView("b", **one_free, num_held=2, num_held_ahead=2)]
+    assert sum(rank_ids(newcomer, 0), []) == ["a"]
+    second = [view("a", prefix_blocks=1, ongoing=8, max_ongoing=8),
+              ReplicaView("b", **one_free, prefix_blocks=6, num_held=1, num_held_ahead=1)]  # fmt: skip
+    assert rank_replicas(second, 6, RoutingPolicy(min_wait_blocks=4), waited_s=0.0) == [(["b"], "prefix_hit")]
+    first = [second[0], ReplicaView("b", **one_free, prefix_blocks=6, num_held=1, num_held_ahead=0)]
+    assert first_choice(rank_ids(first, 6, RoutingPolicy(min_wait_blocks=4), waited_s=0.0)) == ["b"]
 
 
 def test_max_hold_s_bounds_a_hold_by_the_time_since_the_request_was_queued() -> None:
@@ -106,47 +119,10 @@ def test_max_hold_s_bounds_a_hold_by_the_time_since_the_request_was_queued() -> 
         (["b"], "prefix_hit")]  # the default: no bound
 
 
-def estimating(replica_id: str, *, prefix_blocks: int = 0, ongoing: int = 4, remaining: tuple[int, ...] = (),
-               held: int = 0, held_ahead: int = 0, age_s: float = 0.0) -> ReplicaView:  # fmt: skip
-    """A replica of 4 slots reporting wait estimates: 0.1 s a step, 0.01 s a prefilled token (0.16 s a block)."""
-    stats = replace(report(), remaining_steps=list(remaining), step_s=0.1, s_per_token=0.01)
-    return ReplicaView(replica_id, 4, ongoing, stats, prefix_blocks, num_held=held, num_held_ahead=held_ahead,
-                       stats_age_s=age_s)  # fmt: skip
-
-
-def test_with_estimates_a_saturated_holder_is_waited_for_while_its_slot_frees_sooner_than_a_prefill_elsewhere() -> None:
-    # Holding saves 5 blocks = 80 tokens = 0.8 s of prefill; b's next slot frees in 2 steps = 0.2 s.
-    policy = RoutingPolicy(min_wait_blocks=2)
-    holder = estimating("b", prefix_blocks=6, remaining=(2, 20, 20, 20))
-    free_a = estimating("a", prefix_blocks=1, ongoing=1, remaining=(5,))
-    assert rank_replicas([free_a, holder], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]
-    # Waiting already cost as much as the prefill it saves (the estimate was wrong): no longer.
-    assert first_choice(rank_ids([free_a, holder], 6, policy, waited_s=0.8)) == ["a"]
-    # b's soonest slot is 3 s away: prefilling on a (free now) is sooner.
-    slow_holder = estimating("b", prefix_blocks=6, remaining=(30, 30, 30, 30))
-    assert first_choice(rank_ids([free_a, slow_holder], 6, policy, waited_s=0.0)) == ["a"]
-    # The report is 2.5 s old: 25 of b's 30 steps have passed since, 0.5 s left.
-    aged = estimating("b", prefix_blocks=6, remaining=(30, 30, 30, 30), age_s=2.5)
-    assert rank_replicas([free_a, aged], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]
-
-
-def test_with_estimates_a_hold_ends_when_another_saturated_replica_frees_much_sooner() -> None:
-    """The tail the fixed rule had: every replica saturated, the holder's slots far off, another's nearly free."""
-    policy = RoutingPolicy(min_wait_blocks=2)
-    holder = estimating("b", prefix_blocks=6, remaining=(30, 30, 30, 30))
-    soon_a = estimating("a", prefix_blocks=1, remaining=(1, 30, 30, 30))
-    assert first_choice(rank_ids([soon_a, holder], 6, policy, waited_s=0.0)) == ["a"]  # 0.1 + 0.8 s < 3 s
-    late_a = estimating("a", prefix_blocks=1, remaining=(28, 30, 30, 30))
-    assert rank_replicas([late_a, holder], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]  # 2.8 + 0.8 > 3
-
-
-def test_with_estimates_requests_held_earlier_for_the_same_replica_come_first() -> None:
-    policy = RoutingPolicy(min_wait_blocks=2)
-    free_a = estimating("a", prefix_blocks=1, ongoing=1, remaining=(5,))
-    first = estimating("b", prefix_blocks=6, remaining=(2, 20, 20, 20), held=1, held_ahead=0)
-    assert rank_replicas([free_a, first], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]
-    second = estimating("b", prefix_blocks=6, remaining=(2, 20, 20, 20), held=1, held_ahead=1)  # its slot: 2 s
-    assert first_choice(rank_ids([free_a, second], 6, policy, waited_s=0.0)) == ["a"]
+def test_a_request_waits_its_turn_while_the_free_slots_are_for_requests_queued_before_it() -> None:
+    replicas = [view("a", ongoing=7), view("b", ongoing=8)]
+    assert rank_ids(replicas, 0, num_older_waiting=1) == []
+    assert sum(rank_ids([view("a", ongoing=6), view("b", ongoing=8)], 0, num_older_waiting=1), []) == ["a", "b"]
 
 
 def test_a_saturated_holder_is_not_waited_for_when_the_match_is_shallow_or_its_queue_long() -> None:
@@ -354,3 +330,31 @@ def test_router_holds_at_most_max_held_for_affinity_requests_for_one_replica() -
     assert [[r.name for r in rank] for rank in ranks[2]] == [["a"]]  # not held: b's next slots go to those two
     router.on_request_routed(requests[0], FakeReplicaID("b"), None)  # one held request placed: room for another
     assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, requests[2]))] == [["b"]]
+
+
+def test_a_freed_slot_goes_to_the_request_queued_first_not_to_one_that_arrived_as_it_freed() -> None:
+    """Serve asks again about a request it could not place only after a backoff, while a new request is asked about
+    at once: without a queue order the newcomers took every freed slot (bench.routing: one request waited 13 s
+    while nine newer ones were placed)."""
+    lengths = {"a": 8, "b": 8}
+    router = make_router(queue_lengths=lengths)
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats())]
+    old = FakePendingRequest({"prefix_hashes": []}, created_at=time.time() - 5)
+    new = FakePendingRequest({"prefix_hashes": []}, created_at=time.time())
+
+    def ask(request: FakePendingRequest) -> list[str]:
+        ranks = asyncio.run(router.choose_replicas(replicas, request))
+        return sorted(replica.name for rank in ranks for replica in rank)
+
+    assert ask(old) == ["a", "b"]  # both full: Serve tries them, both refuse, it backs off
+    lengths["a"] = 7  # a slot frees; the newcomer is asked about first
+    assert ask(new) == []  # it is the old request's
+    assert ask(old) == ["a", "b"]
+    router.on_request_routed(old, FakeReplicaID("a"), None)
+    lengths["a"] = 8
+    assert ask(new) == ["a", "b"]  # first in line now (both full: Serve backs off)
+    latest = FakePendingRequest({"prefix_hashes": []}, created_at=time.time() + 1)
+    lengths["b"] = 7
+    assert ask(latest) == []  # one slot free, and `new` waits ahead
+    lengths["b"] = 6
+    assert ask(latest) == ["a", "b"]  # two free, one request ahead: room for both
