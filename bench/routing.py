@@ -6,11 +6,14 @@ table README.md's "Routing quality" shows) and .png; a `--quick` run's as routin
 
 Workload (seeded, `chat_sessions`): users hold multi-turn chats under one shared system prompt; every turn sends
 the whole conversation so far (the previous answers included) plus a new user message, after a think time; a
-share of the requests (`one_off_share`) are one-off prompts sharing nothing. Each goes to `/v1/chat/completions`,
+share of the requests (`one_off_share`) are one-off prompts sharing nothing; users join evenly over the first
+`ramp_s` (10 s). Each goes to `/v1/chat/completions`,
 streamed, so the time to the first content token is measured by the client. Enough users per replica to keep
 every replica's batch full (saturation), so routing has a load-balancing cost as well as a cache benefit. Every
 user sends the same number of requests under every router (not: for a fixed time), so each router serves the same
-requests and their hit rates compare (a faster router would otherwise reach later, longer turns).
+requests and their hit rates compare (a faster router would otherwise reach later, longer turns). Each request's
+(kind, start, TTFT) is kept in the JSON; `PAGED_SERVE_ROUTING_TRACE=<path prefix>` makes our router log every
+decision (router/request_router.py).
 
 Deployment: one Ray on 127.0.0.1 in this process, the app of router/app.py with a small engine per replica (one
 torch thread, `--kv-mib` of KV cache, `--max-num-seqs` slots), deployed afresh for every router (a new app name:
@@ -308,7 +311,8 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
         replicas = replica_actors(app_name)
         before = stats_of(replicas)
         system = words_text(random.Random(workload.seed), words, (workload.system_words, workload.system_words))
-        chat_users = [ChatUser(workload, words, system, index, workload.ramp_s * index / users) for index in range(users)]
+        joins = [workload.ramp_s * index / users for index in range(users)]
+        chat_users = [ChatUser(workload, words, system, index, join_s) for index, join_s in enumerate(joins)]
         # Each replica's running + waiting requests, every 0.5 s while the load runs.
         with Poller(lambda: [s["num_running"] + s["num_waiting"] for s in stats_of(replicas)]) as sampler:
             records, elapsed_s = asyncio.run(drive(url, "bench", chat_users, requests_per_user))
