@@ -261,6 +261,8 @@ class KVAwareRequestRouter(RequestRouter):
             # again; without this flag it retries at once, and the busy loop starves the probes it waits for.
             pending_request.routing_context.should_backoff = True
         now = time.time()
+        while self._waiting and now - next(iter(self._waiting.values()))[2] > _WAITING_FRESH_S:
+            self._waiting.popitem(last=False)  # not asked about lately (oldest asked first): cancelled, gone
         key = _request_key(pending_request) if pending_request is not None else None
         created_at = getattr(pending_request, "created_at", None)  # when Serve queued it
         if created_at is None:

@@ -358,3 +358,19 @@ def test_a_freed_slot_goes_to_the_request_queued_first_not_to_one_that_arrived_a
     assert ask(latest) == []  # one slot free, and `new` waits ahead
     lengths["b"] = 6
     assert ask(latest) == ["a", "b"]  # two free, one request ahead: room for both
+
+
+def test_a_waiting_request_serve_stopped_asking_about_holds_up_no_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("router.request_router.time", clock)
+    lengths = {"a": 8}
+    router = make_router(queue_lengths=lengths)
+    replicas = [FakeReplica("a", stats())]
+    asyncio.run(router.choose_replicas(replicas, FakePendingRequest({}, created_at=clock.now - 1)))  # then cancelled
+    lengths["a"] = 7
+    newcomer = FakePendingRequest({}, created_at=clock.now)
+    assert asyncio.run(router.choose_replicas(replicas, newcomer)) == []  # the older one may still be asked again
+    clock.now += 2.5
+    replicas[0].routing_stats = stats() | {"timestamp": clock.now}
+    assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, newcomer))] == [["a"]]
+    assert len(router._waiting) == 1  # only the newcomer's entry is left
