@@ -1,6 +1,6 @@
 """Routing quality, measured: the same seeded chat workload through each request router, on 2 and 4 replicas.
 
-``python -m bench.routing`` (all routers × 2 and 4 replicas, ~15 min idle); ``--quick`` (2 replicas, short runs);
+``python -m bench.routing`` (all routers × 2 and 4 replicas, ~30 min idle); ``--quick`` (2 replicas, short runs);
 ``--replicas 4 --routers ours pow2 --requests-per-user 8`` for a part. Results: bench/results/routing.json, .md (the
 table README.md's "Routing quality" shows) and .png; a `--quick` run's as routing_quick.* (not committed).
 
