@@ -242,9 +242,10 @@ class KVAwareRequestRouter(RequestRouter):
         # request -> {replica id: (why it was ranked, prefix tokens it should hold)}, from the latest ranking,
         # until Serve reports the placement
         self._routing_reasons: OrderedDict[str, dict[str, tuple[str, int]]] = OrderedDict()
-        # request -> (when Serve queued it, the replica it is held back for or None, when last asked about): requests
-        # waiting for a slot, each either for the saturated replica holding its prefix or for any
-        self._waiting: OrderedDict[str, tuple[float, str | None, float]] = OrderedDict()
+        # request -> (when Serve queued it, the replica it is held back for or None, when last asked about, Serve's
+        # future for its placement): requests waiting for a slot, each for the saturated replica holding its prefix or
+        # for any
+        self._waiting: OrderedDict[str, tuple[float, str | None, float, Any]] = OrderedDict()
         # request -> when it first passed up a replica with a free slot to wait for its prefix's holder
         self._passed_up_since: OrderedDict[str, float] = OrderedDict()
         self._block_size = 0  # tokens per prefix hash, from the replicas' reports (0 until the first)
@@ -285,7 +286,8 @@ class KVAwareRequestRouter(RequestRouter):
                 replica_id: (reason, predicted[replica_id]) for rank, reason in ranks for replica_id in rank
             }
             # Until Serve reports it placed, the request waits (for a replica, or any): newer requests queue behind.
-            self._waiting[key] = (created_at, _held_for(ranks, views), now)
+            future = getattr(pending_request, "future", None)  # done once placed, or cancelled
+            self._waiting[key] = (created_at, _held_for(ranks, views), now, future)
             self._waiting.move_to_end(key)
             for table in (self._routing_reasons, self._waiting, self._passed_up_since):
                 while len(table) > self._max_recent_routes:  # requests never placed (refused, cancelled)
@@ -308,14 +310,14 @@ class KVAwareRequestRouter(RequestRouter):
         self, now: float, request_key: str | None, created_at: float
     ) -> tuple[dict[str, int], dict[str, int], int]:
         """Of the other requests waiting for a slot that Serve asked about lately (a cancelled one stops being
-        asked): how many are held back for each replica; of those, how many were queued before this request; and
+        asked) and not cancelled: how many are held back for each replica; of those, how many were queued before this request; and
         how many queued before it wait for any replica."""
         held: dict[str, int] = {}
         held_ahead: dict[str, int] = {}
         num_older_waiting = 0
-        for key, (queued_at, held_for, asked_at) in self._waiting.items():
-            if key == request_key or now - asked_at > _WAITING_FRESH_S:
-                continue
+        for key, (queued_at, held_for, asked_at, future) in self._waiting.items():
+            if key == request_key or now - asked_at > _WAITING_FRESH_S or (future is not None and future.done()):
+                continue  # a request its caller gave up on is still asked about until Serve notices
             older = queued_at < created_at
             if held_for is None:
                 num_older_waiting += older

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import time
@@ -216,6 +217,7 @@ class FakePendingRequest:
     args: list[Any] = field(default_factory=list)
     routing_context: Any = field(default_factory=lambda: type("Context", (), {"should_backoff": False})())
     created_at: float | None = None  # when Serve queued it (None: unknown)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)  # placed or cancelled: done
 
 
 def make_router(queue_lengths: dict[str, int] | None = None, **state: Any) -> KVAwareRequestRouter:
@@ -374,3 +376,16 @@ def test_a_waiting_request_serve_stopped_asking_about_holds_up_no_one(monkeypatc
     replicas[0].routing_stats = stats() | {"timestamp": clock.now}
     assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, newcomer))] == [["a"]]
     assert len(router._waiting) == 1  # only the newcomer's entry is left
+
+
+def test_a_waiting_request_its_caller_gave_up_on_holds_up_no_one() -> None:
+    lengths = {"a": 8}
+    router = make_router(queue_lengths=lengths)
+    replicas = [FakeReplica("a", stats())]
+    older = FakePendingRequest({}, created_at=time.time() - 1)
+    asyncio.run(router.choose_replicas(replicas, older))
+    lengths["a"] = 7
+    newcomer = FakePendingRequest({}, created_at=time.time())
+    assert asyncio.run(router.choose_replicas(replicas, newcomer)) == []
+    older.future.cancel()  # the client went away: Serve cancels its placement
+    assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, newcomer))] == [["a"]]

@@ -106,10 +106,12 @@ def test_e_router_memory_stays_bounded_under_a_stream_of_distinct_prefixes() -> 
         hashes = hashes_of(distinct_prompt(seed, blocks=3))
         if seed % 3:
             route(router, replicas, hashes)
-        else:  # ranked, never placed (the caller gave up)
-            asyncio.run(router.choose_replicas(replicas, FakePendingRequest({"prefix_hashes": hashes})))
+        else:  # ranked, never placed (the caller gave up: Serve cancels the placement's future)
+            abandoned = FakePendingRequest({"prefix_hashes": hashes})
+            asyncio.run(router.choose_replicas(replicas, abandoned))
+            abandoned.future.cancel()
     assert all(len(recent) <= bound for recent in router._recent_routes.values())
-    assert len(router._routing_reasons) <= bound
+    assert len(router._routing_reasons) <= bound and len(router._waiting) <= bound
     assert set(router._routed_since_report) <= set("abcd") and set(router._reports) <= set("abcd")
 
 
