@@ -269,7 +269,7 @@ class KVAwareRequestRouter(RequestRouter):
         if created_at is None:
             previous = self._waiting.get(key) if key is not None else None
             created_at = previous[0] if previous is not None else now
-        held, held_ahead, num_older_waiting = self._waiting_ahead(now, key, created_at)
+        held, held_ahead, num_older_waiting = self._waiting_ahead(key, created_at)
         views = [self._view(replica, request_hashes, now, held, held_ahead) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         queued_s = now - created_at
@@ -306,17 +306,15 @@ class KVAwareRequestRouter(RequestRouter):
             return 0.0
         return now - self._passed_up_since.setdefault(key, now)
 
-    def _waiting_ahead(
-        self, now: float, request_key: str | None, created_at: float
-    ) -> tuple[dict[str, int], dict[str, int], int]:
-        """Of the other requests waiting for a slot that Serve asked about lately (a cancelled one stops being
-        asked) and not cancelled: how many are held back for each replica; of those, how many were queued before this request; and
-        how many queued before it wait for any replica."""
+    def _waiting_ahead(self, request_key: str | None, created_at: float) -> tuple[dict[str, int], dict[str, int], int]:
+        """Of the other requests waiting for a slot (the table holds only those asked about lately: see
+        `choose_replicas`), leaving out any whose caller gave up: how many are held back for each replica; of those,
+        how many were queued before this request; and how many queued before it wait for any replica."""
         held: dict[str, int] = {}
         held_ahead: dict[str, int] = {}
         num_older_waiting = 0
-        for key, (queued_at, held_for, asked_at, future) in self._waiting.items():
-            if key == request_key or now - asked_at > _WAITING_FRESH_S or (future is not None and future.done()):
+        for key, (queued_at, held_for, _, future) in self._waiting.items():
+            if key == request_key or (future is not None and future.done()):
                 continue  # a request its caller gave up on is still asked about until Serve notices
             older = queued_at < created_at
             if held_for is None:
