@@ -132,9 +132,10 @@ def rank_replicas(
     3. Replicas whose stats are stale, missing or unreadable: power of two choices on ongoing requests.
 
     Except: a saturated replica holding the request's prefix `min_wait_blocks` or more deeper than any other, with a
-    short queue, is the only rank (Serve backs off and asks again when it refuses) while every other replica is
-    saturated too, or the request has passed up a free replica (`waited_s`: for how long) for less than prefilling
-    those blocks there would take. A replica whose free slots are promised to requests held for it since before this
+    short queue, is the only rank (Serve backs off and asks again when it refuses; no rank at all while requests held
+    for it since before this one wait: the slot is theirs first) while every other replica is saturated too, or the
+    request has passed up a free replica (`waited_s`: for how long) for less than prefilling those blocks there
+    would take. A replica whose free slots are promised to requests held for it since before this
     one is left out, so that the slot freeing there goes to them in turn; and while no more slots are free than
     requests queued before this one wait for any replica (`num_older_waiting`), it waits its turn: no ranks.
     """
@@ -144,9 +145,11 @@ def rank_replicas(
     shuffled = list(replicas)
     rng.shuffle(shuffled)  # ties go to a random replica, not always the first
     ranked: list[tuple[list[str], str]] = []
-    holder = max(shuffled, key=lambda r: r.prefix_blocks)
-    if waited_s is not None and _worth_waiting_for(holder, shuffled, policy, waited_s, queued_s):
-        return [([holder.replica_id], "prefix_hit")]
+    holder = hold_replica(shuffled, policy, waited_s, queued_s)
+    if holder is not None:
+        # Offered only to the request held longest for it: Serve places a request on any replica it is offered that
+        # has a slot, so a newer one offered it too would take the slot that frees there whenever it asked first.
+        return [([holder.replica_id], "prefix_hit")] if holder.num_held_ahead == 0 else []
     if num_older_waiting and sum(_free_slots(r) for r in replicas) <= num_older_waiting:
         return []  # the free slots are for requests queued before this one: it waits its turn (Serve backs off)
     # The deepest match among replicas fit to take it; among equally deep ones (a hot prefix that spilled over,
@@ -180,6 +183,16 @@ def rank_replicas(
     if len(stale) > 2:
         ranked.append(([r.replica_id for r in stale[2:]], "fallback"))
     return ranked
+
+
+def hold_replica(
+    replicas: list[ReplicaView], policy: RoutingPolicy, waited_s: float | None, queued_s: float | None
+) -> ReplicaView | None:
+    """The saturated replica the request is held back for (it holds the prefix much deeper than the rest), if any."""
+    if waited_s is None or not replicas:
+        return None
+    holder = max(replicas, key=lambda r: r.prefix_blocks)
+    return holder if _worth_waiting_for(holder, replicas, policy, waited_s, queued_s) else None
 
 
 def _worth_waiting_for(
@@ -273,10 +286,11 @@ class KVAwareRequestRouter(RequestRouter):
         views = [self._view(replica, request_hashes, now, held, held_ahead) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         queued_s = now - created_at
+        waited_s = self._passed_up_s(key, views, now)
         ranks = rank_replicas(
-            views, len(request_hashes), self._policy, self._rng, self._passed_up_s(key, views, now), queued_s,
-            num_older_waiting,
+            views, len(request_hashes), self._policy, self._rng, waited_s, queued_s, num_older_waiting
         )  # fmt: skip
+        holder = hold_replica(views, self._policy, waited_s, queued_s)
         if _TRACE is not None:
             _trace("rank", key=key, blocks=len(request_hashes), queued_s=queued_s, older_waiting=num_older_waiting,
                    ranks=ranks, views=[_trace_view(view) for view in views])  # fmt: skip
@@ -287,7 +301,7 @@ class KVAwareRequestRouter(RequestRouter):
             }
             # Until Serve reports it placed, the request waits (for a replica, or any): newer requests queue behind.
             future = getattr(pending_request, "future", None)  # done once placed, or cancelled
-            self._waiting[key] = (created_at, _held_for(ranks, views), now, future)
+            self._waiting[key] = (created_at, holder.replica_id if holder is not None else None, now, future)
             self._waiting.move_to_end(key)
             for table in (self._routing_reasons, self._waiting, self._passed_up_since):
                 while len(table) > self._max_recent_routes:  # requests never placed (refused, cancelled)
@@ -436,15 +450,6 @@ class _ParsedReport:
 
 
 _WAITING_FRESH_S = 2.0  # Serve asks again about a request it could not place at least every 0.2 s (max_backoff_s)
-
-
-def _held_for(ranks: list[tuple[list[str], str]], views: list[ReplicaView]) -> str | None:
-    """The replica a request is held back for: a saturated prefix holder offered alone (only `_worth_waiting_for`
-    ranks that way; a normal prefix hit is never saturated and comes with other ranks)."""
-    if len(ranks) != 1 or len(ranks[0][0]) != 1 or ranks[0][1] != "prefix_hit":
-        return None
-    replica_id = ranks[0][0][0]
-    return replica_id if any(v.replica_id == replica_id and _is_saturated(v) for v in views) else None
 
 
 def _request_key(pending_request: PendingRequest) -> str:

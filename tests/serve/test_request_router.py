@@ -17,6 +17,7 @@ from router.request_router import (
     KVAwareRequestRouter,
     ReplicaView,
     RoutingPolicy,
+    hold_replica,
     matched_blocks,
     rank_replicas,
 )
@@ -106,7 +107,10 @@ def test_a_slot_freeing_on_a_replica_goes_to_the_request_held_longest_for_it_not
     assert sum(rank_ids(newcomer, 0), []) == ["a"]
     second = [view("a", prefix_blocks=1, ongoing=8, max_ongoing=8),
               ReplicaView("b", **one_free, prefix_blocks=6, num_held=1, num_held_ahead=1)]  # fmt: skip
-    assert rank_replicas(second, 6, RoutingPolicy(min_wait_blocks=4), waited_s=0.0) == [(["b"], "prefix_hit")]
+    # Held for b too, but queued after the first: not even b is offered (Serve would place it on b's free slot
+    # whenever it asked before the first did, which the trace showed happening three times to one request).
+    assert rank_replicas(second, 6, RoutingPolicy(min_wait_blocks=4), waited_s=0.0) == []
+    assert hold_replica(second, RoutingPolicy(min_wait_blocks=4), 0.0, None) is second[1]  # still held for b
     first = [second[0], ReplicaView("b", **one_free, prefix_blocks=6, num_held=1, num_held_ahead=0)]
     assert first_choice(rank_ids(first, 6, RoutingPolicy(min_wait_blocks=4), waited_s=0.0)) == ["b"]
 
@@ -328,10 +332,11 @@ def test_router_holds_at_most_max_held_for_affinity_requests_for_one_replica() -
     replicas = [FakeReplica("a", stats()), FakeReplica("b", stats(hashes=HASHES))]
     requests = [FakePendingRequest({"prefix_hashes": HASHES}) for _ in range(3)]
     ranks = [asyncio.run(router.choose_replicas(replicas, request)) for request in requests]
-    assert [[[r.name for r in rank] for rank in ranking] for ranking in ranks[:2]] == [[["b"]], [["b"]]]
+    assert [[[r.name for r in rank] for rank in ranking] for ranking in ranks[:2]] == [[["b"]], []]  # 2nd: its turn
     assert [[r.name for r in rank] for rank in ranks[2]] == [["a"]]  # not held: b's next slots go to those two
     router.on_request_routed(requests[0], FakeReplicaID("b"), None)  # one held request placed: room for another
-    assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, requests[2]))] == [["b"]]
+    assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, requests[1]))] == [["b"]]
+    assert asyncio.run(router.choose_replicas(replicas, requests[2])) == []  # held now, behind requests[1]
 
 
 def test_a_freed_slot_goes_to_the_request_queued_first_not_to_one_that_arrived_as_it_freed() -> None:
@@ -360,6 +365,28 @@ def test_a_freed_slot_goes_to_the_request_queued_first_not_to_one_that_arrived_a
     assert ask(latest) == []  # one slot free, and `new` waits ahead
     lengths["b"] = 6
     assert ask(latest) == ["a", "b"]  # two free, one request ahead: room for both
+
+
+def test_of_two_requests_held_for_one_replica_only_the_first_is_offered_its_freed_slot() -> None:
+    """bench.routing's trace: a request held 12.6 s for its replica while three requests held for it after it took
+    the slots that freed there (each was offered the replica, and Serve places on any offered replica with room)."""
+    lengths = {"a": 8, "b": 8}
+    router = make_router(queue_lengths=lengths, min_wait_blocks=4)
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats(hashes=HASHES))]
+    first = FakePendingRequest({"prefix_hashes": HASHES}, created_at=time.time() - 5)
+    second = FakePendingRequest({"prefix_hashes": HASHES}, created_at=time.time())
+
+    def ask(request: FakePendingRequest) -> list[list[str]]:
+        return [[replica.name for replica in rank] for rank in asyncio.run(router.choose_replicas(replicas, request))]
+
+    assert ask(first) == [["b"]]  # held for b: the only rank
+    assert ask(second) == []  # held for b too, behind the first
+    lengths["b"] = 7  # a slot frees on b; the second is asked about first
+    assert ask(second) == []
+    assert ask(first)[0] == ["b"]  # b has room for it: a plain prefix hit, first choice
+    router.on_request_routed(first, FakeReplicaID("b"), None)
+    lengths["b"] = 8
+    assert ask(second) == [["b"]]  # first in line for b now
 
 
 def test_a_waiting_request_serve_stopped_asking_about_holds_up_no_one(monkeypatch: pytest.MonkeyPatch) -> None:
