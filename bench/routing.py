@@ -290,6 +290,33 @@ class RouterResult:
     predicted_hit_tokens: float | None = None
     per_replica_prompt_tokens: list[int] = field(default_factory=list)
     ttfts: list[tuple[str, float, float]] = field(default_factory=list)  # (kind, start s, TTFT s) of each answer
+    ttft_p99_runs_s: list[float] = field(default_factory=list)  # each run's own p99, when runs were pooled
+    seeds: list[int] = field(default_factory=list)  # the workload seed of each run
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One router's runs (same deployment, workload seeds differing) as one result: tokens, requests and TTFTs
+    summed over the runs, so the p99 of 3 x 200 requests is decided by six requests, not two; throughput and
+    imbalance are the runs' means."""
+    if len(runs) == 1:
+        return runs[0]
+    ttfts = [entry for run in runs for entry in run["ttfts"]]
+    values = [ttft for _, _, ttft in ttfts]
+    hits, prompts = sum(run["hit_tokens"] for run in runs), sum(run["prompt_tokens"] for run in runs)
+    ratios = [run["imbalance"] for run in runs if not math.isnan(run["imbalance"])]
+    predicted = [run["predicted_hit_tokens"] for run in runs]
+    return {
+        **runs[0], "requests": sum(run["requests"] for run in runs), "errors": sum(run["errors"] for run in runs),
+        "hit_rate": hits / max(1, prompts), "hit_tokens": hits, "prompt_tokens": prompts,
+        "ttft_p50_s": percentile(values, 0.5), "ttft_p99_s": percentile(values, 0.99),
+        "output_tok_s": statistics.mean(run["output_tok_s"] for run in runs),
+        "imbalance": statistics.mean(ratios) if ratios else math.nan,
+        "imbalance_samples": sum(run["imbalance_samples"] for run in runs),
+        "predicted_hit_tokens": None if None in predicted else sum(predicted),
+        "per_replica_prompt_tokens": [sum(t) for t in zip(*(run["per_replica_prompt_tokens"] for run in runs))],
+        "ttfts": ttfts, "ttft_p99_runs_s": [p for run in runs for p in run["ttft_p99_runs_s"]],
+        "seeds": [seed for run in runs for seed in run["seeds"]],
+    }  # fmt: skip
 
 
 def run_router(name: str, deployment: Deployment, workload: Workload, words: list[str], users: int,
@@ -300,7 +327,7 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
 
     from router.app import build_app
 
-    app_name = f"routing-{name}-{deployment.replicas}"
+    app_name = f"routing-{name}-{deployment.replicas}-s{workload.seed}"  # its own metric series per run
     app = build_app(deployment.app_args(ROUTERS[name], router_kwargs))
     serve.run(app, name=app_name, route_prefix=f"/{app_name}")
     url = f"http://127.0.0.1:{http_port}/{app_name}/v1/chat/completions"
@@ -329,7 +356,7 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
             ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=percentile(ttfts, 0.99),
             output_tok_s=sum(r.completion_tokens for r in records if r.error is None) / elapsed_s,
             imbalance=ratio, imbalance_samples=num_samples, predicted_hit_tokens=predicted,
-            per_replica_prompt_tokens=queried,
+            per_replica_prompt_tokens=queried, ttft_p99_runs_s=[percentile(ttfts, 0.99)], seeds=[workload.seed],
             ttfts=[(r.kind, round(r.start, 3), round(r.ttft, 3)) for r in records
                    if r.ttft is not None and r.error is None],
         )  # fmt: skip
@@ -376,10 +403,16 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     return verdicts
 
 
+def pooled_note(meta: dict[str, Any]) -> str:
+    repeats = meta.get("repeats", 1)
+    return "" if repeats == 1 else f", {repeats} runs per row (workload seeds differing) pooled"
+
+
 def report_markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     return "\n".join([
         f"Routing benchmark, {meta['date']}, on {meta['machine']}; model {meta['model']}; "
         f"{meta['users_per_replica']} users per replica, {meta['requests_per_user']} requests each"
+        f"{pooled_note(meta)}"
         f"{' (--quick)' if meta['quick'] else ''}.", "", markdown_table(results), "",
         *[f"- {verdict}" for verdict in targets(results)],
     ]) + "\n"  # fmt: skip
@@ -425,6 +458,9 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=4)
     parser.add_argument("--kv-mib", type=int, default=256, help="KV cache per replica, MiB")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per router and replica count (workload seeds seed, seed+1, ...; routers "
+                             "interleaved), pooled into one row: a steadier p99")
     parser.add_argument("--ours-kwargs", type=json.loads, default={},
                         help='JSON of KVAwareRequestRouter.initialize_state kwargs, e.g. \'{"max_imbalance": 2}\'')
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where routing[_quick].json/.md/.png go")
@@ -437,12 +473,12 @@ def main() -> None:
 
     torch.set_num_threads(1)  # this process only tokenizes and drives HTTP; the engines have their own threads
     words = word_vocabulary(AutoTokenizer.from_pretrained(args.model))
-    workload = Workload(seed=args.seed)
     machine = machine_description()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
             "model": Path(args.model).resolve().name, "quick": args.quick, "requests_per_user": requests_per_user,
-            "users_per_replica": args.users_per_replica, "workload": asdict(workload),
-            "max_num_seqs": args.max_num_seqs, "kv_mib": args.kv_mib, "ours_kwargs": args.ours_kwargs}  # fmt: skip
+            "users_per_replica": args.users_per_replica, "workload": asdict(Workload(seed=args.seed)),
+            "max_num_seqs": args.max_num_seqs, "kv_mib": args.kv_mib, "ours_kwargs": args.ours_kwargs,
+            "repeats": args.repeats}  # fmt: skip
     print(f"machine: {machine}\nmodel: {meta['model']}", flush=True)
     http_port, metrics_port = start_ray(num_cpus=max(8, 2 * max(replica_counts)))
     results: list[dict[str, Any]] = []
@@ -450,12 +486,19 @@ def main() -> None:
     try:
         for replicas in replica_counts:
             deployment = Deployment(args.model, replicas, args.max_num_seqs, args.kv_mib)
-            for router in args.routers:
-                result = run_router(router, deployment, workload, words, args.users_per_replica * replicas,
-                                    requests_per_user, http_port, metrics_port,
-                                    args.ours_kwargs if router == "ours" else None)  # fmt: skip
-                results.append(asdict(result))
-                print(markdown_table([results[-1]]).splitlines()[-1], flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {router: [] for router in args.routers}
+            for repeat in range(args.repeats):  # routers interleaved: a drift in the machine hits them alike
+                workload = Workload(seed=args.seed + repeat)
+                for router in args.routers:
+                    result = run_router(router, deployment, workload, words, args.users_per_replica * replicas,
+                                        requests_per_user, http_port, metrics_port,
+                                        args.ours_kwargs if router == "ours" else None)  # fmt: skip
+                    runs[router].append(asdict(result))
+                    print(f"run {repeat + 1}/{args.repeats}:", markdown_table(runs[router][-1:]).splitlines()[-1],
+                          flush=True)  # fmt: skip
+            results += [pooled(router_runs) for router_runs in runs.values()]
+            if args.repeats > 1:
+                print(markdown_table(results[-len(runs):]), flush=True)
     finally:
         from ray import serve
 

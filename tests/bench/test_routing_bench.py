@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench.routing import ChatUser, Workload, imbalance, markdown_table, targets
+from bench.routing import ChatUser, Workload, imbalance, markdown_table, pooled, targets
 
 WORDS = [f"w{i}" for i in range(50)]
 
@@ -60,3 +60,19 @@ def test_the_table_has_a_row_per_router_and_the_targets_are_judged() -> None:
     verdicts = targets(results)
     assert "MISSED" in verdicts[0] and "70.0%" in verdicts[0]  # prefix's hit rate is higher
     assert verdicts[1].endswith("met") and verdicts[2].endswith("met")
+
+
+def test_runs_pool_into_one_row_whose_percentiles_cover_every_request() -> None:
+    def run(seed: int, ttfts: list[float], hits: int, imbalance_ratio: float) -> dict:
+        return {**result("ours", hits / 200, max(ttfts), imbalance_ratio), "hit_tokens": hits, "prompt_tokens": 200,
+                "imbalance_samples": 5, "requests": len(ttfts), "per_replica_prompt_tokens": [120, 80],
+                "ttfts": [("chat", 0.0, t) for t in ttfts], "ttft_p99_runs_s": [max(ttfts)], "seeds": [seed]}
+
+    first, second = run(0, [1.0] * 99 + [9.0], 100, 1.2), run(1, [2.0] * 100, 150, math.nan)
+    row = pooled([first, second])
+    assert row["requests"] == 200 and row["hit_tokens"] == 250 and math.isclose(row["hit_rate"], 250 / 400)
+    assert row["ttft_p50_s"] == 2.0 and row["ttft_p99_s"] == 2.0  # one slow request in 200 is not the p99
+    assert row["ttft_p99_runs_s"] == [9.0, 2.0] and row["seeds"] == [0, 1]
+    assert row["imbalance"] == 1.2 and row["predicted_hit_tokens"] == 180.0  # runs without samples do not count
+    assert row["per_replica_prompt_tokens"] == [240, 160]
+    assert pooled([first]) is first
