@@ -1,7 +1,9 @@
 """Routing quality, measured: the same seeded chat workload through each request router, on 2 and 4 replicas.
 
 ``python -m bench.routing`` (all routers × 2 and 4 replicas, ~30 min idle); ``--quick`` (2 replicas, short runs);
-``--replicas 4 --routers ours pow2 --requests-per-user 8`` for a part. Results: bench/results/routing.json, .md (the
+``--replicas 4 --routers ours pow2 --requests-per-user 8`` for a part; ``--repeats 3`` runs each router three times
+(workload seeds differing, routers interleaved) and pools the runs into one row, for a p99 that two requests do not
+decide. Results: bench/results/routing.json, .md (the
 table README.md's "Routing quality" shows) and .png; a `--quick` run's as routing_quick.* (not committed).
 
 Workload (seeded, `chat_sessions`): users hold multi-turn chats under one shared system prompt; every turn sends
