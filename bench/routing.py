@@ -350,15 +350,16 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
         hits = sum(a["prefix_cache_hits"] - b["prefix_cache_hits"] for a, b in zip(after, before))
         ttfts = [r.ttft for r in records if r.ttft is not None and r.error is None]
         ratio, num_samples = imbalance(sampler.samples, deployment.max_num_seqs)
+        p99 = percentile(ttfts, 0.99)
         predicted = settled(lambda: predicted_hit_tokens(metrics_port, app_name)) if name == "ours" else None
         return RouterResult(
             router=name, router_class=ROUTERS[name], replicas=deployment.replicas, users=users,
             requests=len(records), errors=sum(r.error is not None for r in records),
             hit_rate=hits / max(1, sum(queried)), hit_tokens=hits, prompt_tokens=sum(queried),
-            ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=percentile(ttfts, 0.99),
+            ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=p99,
             output_tok_s=sum(r.completion_tokens for r in records if r.error is None) / elapsed_s,
             imbalance=ratio, imbalance_samples=num_samples, predicted_hit_tokens=predicted,
-            per_replica_prompt_tokens=queried, ttft_p99_runs_s=[percentile(ttfts, 0.99)], seeds=[workload.seed],
+            per_replica_prompt_tokens=queried, ttft_p99_runs_s=[p99], seeds=[workload.seed],
             ttfts=[(r.kind, round(r.start, 3), round(r.ttft, 3)) for r in records
                    if r.ttft is not None and r.error is None],
         )  # fmt: skip

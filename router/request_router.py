@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -191,7 +191,9 @@ def hold_replica(
     """The saturated replica the request is held back for (it holds the prefix much deeper than the rest), if any."""
     if waited_s is None or not replicas:
         return None
-    holder = max(replicas, key=lambda r: r.prefix_blocks)
+    # Ties broken by id, not by the list's order: `choose_replicas` asks again over the unshuffled views and must get
+    # the replica `rank_replicas` held the request for.
+    holder = max(replicas, key=lambda r: (r.prefix_blocks, r.replica_id))
     return holder if _worth_waiting_for(holder, replicas, policy, waited_s, queued_s) else None
 
 
@@ -255,10 +257,9 @@ class KVAwareRequestRouter(RequestRouter):
         # request -> {replica id: (why it was ranked, prefix tokens it should hold)}, from the latest ranking,
         # until Serve reports the placement
         self._routing_reasons: OrderedDict[str, dict[str, tuple[str, int]]] = OrderedDict()
-        # request -> (when Serve queued it, the replica it is held back for or None, when last asked about, Serve's
-        # future for its placement): requests waiting for a slot, each for the saturated replica holding its prefix or
-        # for any
-        self._waiting: OrderedDict[str, tuple[float, str | None, float, Any]] = OrderedDict()
+        # request -> its place in the queue: requests waiting for a slot, each for the saturated replica holding its
+        # prefix or for any; least recently asked about first
+        self._waiting: OrderedDict[str, _WaitingRequest] = OrderedDict()
         # request -> when it first passed up a replica with a free slot to wait for its prefix's holder
         self._passed_up_since: OrderedDict[str, float] = OrderedDict()
         self._block_size = 0  # tokens per prefix hash, from the replicas' reports (0 until the first)
@@ -275,13 +276,13 @@ class KVAwareRequestRouter(RequestRouter):
             # again; without this flag it retries at once, and the busy loop starves the probes it waits for.
             pending_request.routing_context.should_backoff = True
         now = time.time()
-        while self._waiting and now - next(iter(self._waiting.values()))[2] > _WAITING_FRESH_S:
+        while self._waiting and now - next(iter(self._waiting.values())).asked_at > _WAITING_FRESH_S:
             self._waiting.popitem(last=False)  # not asked about lately (oldest asked first): cancelled, gone
         key = _request_key(pending_request) if pending_request is not None else None
         created_at = getattr(pending_request, "created_at", None)  # when Serve queued it
         if created_at is None:
             previous = self._waiting.get(key) if key is not None else None
-            created_at = previous[0] if previous is not None else now
+            created_at = previous.queued_at if previous is not None else now
         held, held_ahead, num_older_waiting = self._waiting_ahead(key, created_at)
         views = [self._view(replica, request_hashes, now, held, held_ahead) for replica in candidate_replicas]
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
@@ -301,7 +302,8 @@ class KVAwareRequestRouter(RequestRouter):
             }
             # Until Serve reports it placed, the request waits (for a replica, or any): newer requests queue behind.
             future = getattr(pending_request, "future", None)  # done once placed, or cancelled
-            self._waiting[key] = (created_at, holder.replica_id if holder is not None else None, now, future)
+            held_for = holder.replica_id if holder is not None else None
+            self._waiting[key] = _WaitingRequest(created_at, held_for, now, future)
             self._waiting.move_to_end(key)
             for table in (self._routing_reasons, self._waiting, self._passed_up_since):
                 while len(table) > self._max_recent_routes:  # requests never placed (refused, cancelled)
@@ -327,16 +329,16 @@ class KVAwareRequestRouter(RequestRouter):
         held: dict[str, int] = {}
         held_ahead: dict[str, int] = {}
         num_older_waiting = 0
-        for key, (queued_at, held_for, _, future) in self._waiting.items():
-            if key == request_key or (future is not None and future.done()):
+        for key, waiting in self._waiting.items():
+            if key == request_key or (waiting.future is not None and waiting.future.done()):
                 continue  # a request its caller gave up on is still asked about until Serve notices
-            older = queued_at < created_at
-            if held_for is None:
+            older = waiting.queued_at < created_at
+            if waiting.held_for is None:
                 num_older_waiting += older
                 continue
-            held[held_for] = held.get(held_for, 0) + 1
+            held[waiting.held_for] = held.get(waiting.held_for, 0) + 1
             if older:
-                held_ahead[held_for] = held_ahead.get(held_for, 0) + 1
+                held_ahead[waiting.held_for] = held_ahead.get(waiting.held_for, 0) + 1
         return held, held_ahead, num_older_waiting
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
@@ -447,6 +449,13 @@ class _ParsedReport:
     raw: dict[str, Any]  # what Serve handed over (compared by identity: a new report is a new dict)
     stats: RoutingStats | None  # None: it did not parse
     prefix_hashes: frozenset[str]
+
+
+class _WaitingRequest(NamedTuple):
+    queued_at: float  # when Serve queued it
+    held_for: str | None  # the replica it is held back for; None: it waits for any
+    asked_at: float  # when Serve last asked about it
+    future: Any  # Serve's future for its placement: done once placed, or cancelled (None when unknown)
 
 
 _WAITING_FRESH_S = 2.0  # Serve asks again about a request it could not place at least every 0.2 s (max_backoff_s)
