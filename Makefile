@@ -8,8 +8,9 @@ export PYTHONPATH := $(CURDIR)
 # `serve` commands on this machine read it there). The tests turn it off explicitly for their loopback clusters.
 serve: export RAY_AUTH_MODE := token
 test: export RAY_AUTH_MODE := disabled
-# OpenMP spin-waiting makes multi-threaded torch ops 10-100x slower here (see replicas/__init__.py).
+# OpenMP workers sleep after a bounded spin (see replicas/__init__.py's OPENMP_ENV, which these repeat).
 export OMP_WAIT_POLICY ?= PASSIVE
+export GOMP_SPINCOUNT ?= 30000
 
 .PHONY: setup cpu-kernels serve demo test bench clean
 

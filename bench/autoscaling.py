@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from replicas import OPENMP_ENV
 from replicas.default_model import DEFAULT_MODEL_DIR
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -79,7 +80,7 @@ def local_cluster(num_workers: int = 2, worker_cpus: int = 2) -> Iterator[str]:
     # A private temp dir: Ray records the newest cluster's address under it, where a plain `ray.init()` elsewhere
     # on the machine would otherwise find and join this cluster.
     temp_dir = tempfile.mkdtemp(prefix="rbench", dir="/tmp")
-    env = {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled", "OMP_WAIT_POLICY": "PASSIVE",
+    env = {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled", **OPENMP_ENV,
            "TOKENIZERS_PARALLELISM": "false", "RAY_TMPDIR": temp_dir}  # fmt: skip
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)

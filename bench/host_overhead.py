@@ -22,15 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from bench.machine import cpu_flags  # noqa: E402
-from replicas import AsyncEngine, LLMEngine, SamplingParams  # noqa: E402
-from replicas.config import EngineConfig  # noqa: E402
-from replicas.default_model import DEFAULT_MODEL_DIR  # noqa: E402
+from bench.machine import cpu_flags
+from replicas import AsyncEngine, LLMEngine, SamplingParams
+from replicas.config import EngineConfig
+from replicas.default_model import DEFAULT_MODEL_DIR
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROMPT_LEN = 32

@@ -60,6 +60,7 @@ import httpx  # noqa: E402
 from bench.loadgen import StreamError, percentile, sse_events, word_vocabulary  # noqa: E402
 from bench.machine import machine_description  # noqa: E402
 from bench.servers import Poller, free_port  # noqa: E402
+from replicas import OPENMP_ENV  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -202,7 +203,7 @@ def start_ray(num_cpus: int) -> tuple[int, int]:
 
     metrics_port = free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE",
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **OPENMP_ENV,
                                        "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
                                        **({"PAGED_SERVE_ROUTING_TRACE": os.environ["PAGED_SERVE_ROUTING_TRACE"]}
                                           if "PAGED_SERVE_ROUTING_TRACE" in os.environ else {})}},

@@ -26,6 +26,8 @@ import httpx
 import psutil
 import yaml
 
+from replicas import OPENMP_ENV
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_CONFIG = REPO_ROOT / "deploy" / "config.yaml"
 SERVE_BIN = Path(sys.executable).parent / "serve"
@@ -41,8 +43,8 @@ def free_port() -> int:
 def server_env() -> dict[str, str]:
     from deploy import serve_local
 
-    env = {**serve_local.LOCAL_RAY_ENV, **os.environ}  # Ray as `make serve` starts it
-    env.update({"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled",
+    env = {**serve_local.LOCAL_RAY_ENV, **OPENMP_ENV, **os.environ}  # Ray as `make serve` starts it; OpenMP's own
+    env.update({"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled",
                 "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0",
                 # Ray runs its workers at nice 15 by default; the baselines and the load generator run at 0, so on
                 # a shared 2-core machine the replica would lose the CPU to its own clients. Same footing for all.

@@ -8,10 +8,15 @@ import importlib
 import os
 from typing import Any
 
-# NOTE: OpenMP's default spin-waiting made every multi-threaded elementwise op 10-100x slower on small VMs (threads
-# spin against each other and the rest of the process). It is read once, when torch loads OpenMP, so it is set
-# here, before torch is imported; processes that import torch first should export it themselves.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# NOTE: OpenMP (libgomp, torch's) reads these once, when torch loads it, so they are set here, before torch is
+# imported; processes that import torch first should import this package before it or export them. Workers that
+# spin-wait long (libgomp's default, or ACTIVE) made multi-threaded ops 10-100x slower on small VMs shared with
+# other busy processes; workers that sleep at once (PASSIVE alone) take ~100 us to wake, and a decode step runs ~300
+# parallel regions (GEMMs, norms, elementwise ops) back to back: a batch-64 step of the default model took 489 ms
+# instead of 281 ms here (`bench.offline --profile`). So: sleep, after spinning ~1 ms (30,000 spins) for the next.
+OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"}
+for _name, _value in OPENMP_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 _EXPORTS = {
     "LLM": "replicas.llm",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 
@@ -37,6 +38,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         torch.set_num_threads(config.resolved_num_threads())
+        logger.info("torch threads: %d; OpenMP: OMP_WAIT_POLICY=%s GOMP_SPINCOUNT=%s", torch.get_num_threads(),
+                    os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"))  # fmt: skip
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, trust_remote_code=False)
         self.model_runner = ModelRunner(config)
         self.max_model_len = self.model_runner.max_model_len

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see replicas/__init__.py
+import replicas  # noqa: E402,F401  (sets OpenMP's wait policy before torch loads OpenMP: see its __init__)
 import torch  # noqa: E402
 
 # triton.jit reads TRITON_INTERPRET when kernels are defined: set it before anything imports triton, so the Triton

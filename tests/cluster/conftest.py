@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from replicas import OPENMP_ENV
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +40,7 @@ TINY_MAX_NUM_SEQS = 4
 NODE_ENV = {
     "PYTHONPATH": str(REPO_ROOT),
     "RAY_AUTH_MODE": "disabled",  # local test clusters; production configs leave token auth on
-    "OMP_WAIT_POLICY": "PASSIVE",
+    **OPENMP_ENV,
     "TOKENIZERS_PARALLELISM": "false",
 }
 # NOTE: a lost node is declared dead after about period x threshold (defaults: 3 s x 5 after a 5 s delay); the

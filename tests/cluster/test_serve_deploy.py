@@ -21,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from replicas import OPENMP_ENV
 from tests.serve.conftest import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +60,7 @@ class RayStartCluster:
         self.gcs_port = _free_port()
         self.dashboard_port = _free_port()
         self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled",
-                    "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
+                    **OPENMP_ENV, "TOKENIZERS_PARALLELISM": "false",
                     "RAY_TMPDIR": self.temp_dir}  # fmt: skip
         self.session_ids: set[int] = set()
 

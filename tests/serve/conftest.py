@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from replicas import OPENMP_ENV
+
 # Before Ray is imported: local test clusters run without token auth (production configs leave it on).
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -71,7 +73,7 @@ def serve_port() -> Iterator[int]:
         include_dashboard=False,
         configure_logging=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_WAIT_POLICY": "PASSIVE",
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **OPENMP_ENV,
                                   "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}},
         # Prometheus endpoint for tests/serve/test_metrics.py; workers report to it every second (default 10 s).
         _metrics_export_port=_free_port(),
