@@ -133,9 +133,9 @@ def rank_replicas(
 
     Except: a saturated replica holding the request's prefix `min_wait_blocks` or more deeper than any other, with a
     short queue, is the only rank (Serve backs off and asks again when it refuses; no rank at all while requests held
-    for it since before this one wait: the slot is theirs first) while every other replica is saturated too and the
-    request has passed up nothing (`waited_s` 0), or for less than prefilling those blocks there would take since it
-    first passed up a slot elsewhere (`waited_s`: seen free, or given to a request queued after it). A replica whose free slots are promised to requests held for it since before this
+    for it since before this one wait: the slot is theirs first) while every other replica is saturated too, or the
+    request has passed up a free replica (`waited_s`: for how long) for less than prefilling those blocks there
+    would take. A replica whose free slots are promised to requests held for it since before this
     one is left out, so that the slot freeing there goes to them in turn; and while no more slots are free than
     requests queued before this one wait for any replica (`num_older_waiting`), it waits its turn: no ranks.
     """
@@ -213,10 +213,8 @@ def _worth_waiting_for(
     saved_blocks = holder.prefix_blocks - max((r.prefix_blocks for r in others), default=0)
     if saved_blocks < policy.min_wait_blocks:
         return False
-    if waited_s == 0 and all(_is_saturated(r) for r in others):
+    if all(_is_saturated(r) for r in others):
         return True  # elsewhere it would queue too, and then prefill those blocks again
-    # It has passed up slots elsewhere (seen free, or given to requests queued after it): worth it for as long as
-    # prefilling the blocks there would have taken.
     return waited_s < min(policy.max_affinity_wait_s, saved_blocks * policy.wait_per_block_s)
 
 
@@ -264,8 +262,6 @@ class KVAwareRequestRouter(RequestRouter):
         self._waiting: OrderedDict[str, _WaitingRequest] = OrderedDict()
         # request -> when it first passed up a replica with a free slot to wait for its prefix's holder
         self._passed_up_since: OrderedDict[str, float] = OrderedDict()
-        # request -> when a slot on another replica first went to a request queued after it, while it was held
-        self._overtaken_at: OrderedDict[str, float] = OrderedDict()
         self._block_size = 0  # tokens per prefix hash, from the replicas' reports (0 until the first)
         self._series_started = False
 
@@ -309,21 +305,17 @@ class KVAwareRequestRouter(RequestRouter):
             held_for = holder.replica_id if holder is not None else None
             self._waiting[key] = _WaitingRequest(created_at, held_for, now, future)
             self._waiting.move_to_end(key)
-            for table in (self._routing_reasons, self._waiting, self._passed_up_since, self._overtaken_at):
+            for table in (self._routing_reasons, self._waiting, self._passed_up_since):
                 while len(table) > self._max_recent_routes:  # requests never placed (refused, cancelled)
                     table.popitem(last=False)
         return [[by_id[replica_id] for replica_id in rank] for rank, _ in ranks]
 
     def _passed_up_s(self, key: str | None, views: list[ReplicaView], now: float) -> float | None:
-        """For how long the request, waiting for its prefix's holder, has passed up slots elsewhere: since a slot
-        there first went to a request queued after it, or else since another replica has had a free slot without
-        a break (0 while every other is saturated and none was given to a younger request); None when unknown (no
-        request to track)."""
+        """For how long another replica has had a free slot, without a break, while the request waited for its
+        prefix's holder (0 while every other is saturated: a slot that freed and was taken again does not count);
+        None when unknown (no request to track)."""
         if key is None:
             return None
-        overtaken_at = self._overtaken_at.get(key)
-        if overtaken_at is not None:
-            return now - min(overtaken_at, self._passed_up_since.get(key, overtaken_at))
         deepest = max((view.prefix_blocks for view in views), default=0)
         if not any(not _is_saturated(view) for view in views if view.prefix_blocks < deepest):
             self._passed_up_since.pop(key, None)
@@ -354,16 +346,8 @@ class KVAwareRequestRouter(RequestRouter):
         key = _request_key(pending_request)
         if _TRACE is not None:
             _trace("routed", key=key, replica=unique_id, blocks=len(_request_hashes(pending_request)))
-        placed = self._waiting.pop(key, None)
+        self._waiting.pop(key, None)
         self._passed_up_since.pop(key, None)
-        self._overtaken_at.pop(key, None)
-        now = time.time()
-        queued_at = placed.queued_at if placed is not None else getattr(pending_request, "created_at", now)
-        for other_key, waiting in self._waiting.items():
-            # A slot elsewhere went to a request queued after this one held for its replica: it passed that slot up
-            # (when every replica stays busy no slot is ever seen free, and without this a hold had no bound).
-            if waiting.held_for not in (None, unique_id) and waiting.queued_at < queued_at:
-                self._overtaken_at.setdefault(other_key, now)
         reason, predicted_tokens = self._routing_reasons.pop(key, {}).get(unique_id, ("fallback", 0))
         deployment_id = getattr(self, "_deployment_id", None)  # set by Serve's constructor
         application = getattr(deployment_id, "app_name", "")
@@ -372,6 +356,7 @@ class KVAwareRequestRouter(RequestRouter):
             start_predicted_hit_series(application)
         record_routing_decision(reason, application)
         record_predicted_hit_tokens(predicted_tokens, application)
+        now = time.time()
         recent = self._recent_routes.setdefault(unique_id, OrderedDict())
         for block_hash in _request_hashes(pending_request):
             recent[block_hash] = now
