@@ -512,18 +512,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "soak.json")
+    parser.add_argument("--engine", type=json.loads, default={},
+                        help='engine overrides as JSON, e.g. \'{"prepack_weights": true}\'')  # fmt: skip
     args = parser.parse_args()
     config = SoakConfig(minutes=args.minutes, users=args.users, kill_every_min=args.kill_every_min,
                         max_kills=args.max_kills, warmup_minutes=args.warmup_minutes, seed=args.seed,
                         disconnect_fraction=args.disconnect_fraction, sample_s=args.sample_s)  # fmt: skip
 
     app = "soak"
-    engine = {"kv_cache_memory_bytes": 256 * 2**20, "max_num_seqs": 16, "max_model_len": 1024, "num_threads": 1}
+    engine = {"kv_cache_memory_bytes": 256 * 2**20, "max_num_seqs": 16, "max_model_len": 1024, "num_threads": 1,
+              **args.engine}
     cluster = ServeCluster({app: engine}, args.model, Path(tempfile.mkdtemp(prefix="soak-")), num_cpus=4,
                            app_overrides={"args.num_replicas": 2, "args.replica_num_cpus": 1, "deployments": []})
     try:
         cluster.start()
-        print(f"soak: {config.minutes:g} min against {cluster.url(app)} (logs {cluster.log_dir})", flush=True)
+        print(f"soak: {config.minutes:g} min against {cluster.url(app)} (engine {engine}; logs {cluster.log_dir})",
+              flush=True)
         result = run_soak(cluster.url(app), app, cluster.metrics_url, config,
                           log=lambda line: print(line, flush=True))  # fmt: skip
     finally:

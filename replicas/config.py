@@ -57,10 +57,10 @@ class EngineConfig(BaseModel):
         "for benchmarks that isolate the gain of paging)",
     )
     prepack_weights: bool = Field(
-        default=False,
-        description="CPU, float32, eager: Linear weights reordered once at load into oneDNN's blocked layout (faster "
-        "skinny GEMMs than MKL on the plain layout at some sizes). Opt-in: oneDNN keeps memory per distinct token "
-        "count, so a replica's RSS grows by hundreds of MiB over its first minutes (README)",
+        default=True,
+        description="CPU, float32, eager: Linear weights reordered once at load into oneDNN's blocked layout (skinny "
+        "decode GEMMs 1.3-1.7x faster than MKL on the plain layout here). oneDNN keeps a primitive per distinct row "
+        "count; rows are padded to a bounded set, and a 30-minute soak grew a replica by 2.9% at most (README)",
     )
     compile: bool = Field(
         default=False,

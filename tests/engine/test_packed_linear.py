@@ -48,7 +48,7 @@ def test_prepacking_replaces_every_linear_and_packs_a_tied_head_separately(tiny_
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert isinstance(model.lm_head, PackedLinear)
     assert isinstance(model.get_input_embeddings(), nn.Embedding)  # the lookup keeps the plain table
-    plain = make_engine(tiny_llama_dir).model_runner.model  # the default: plain weights
+    plain = make_engine(tiny_llama_dir, prepack_weights=False).model_runner.model
     assert any(isinstance(m, nn.Linear) for m in plain.modules())
     assert prepack_linears(plain) == sum(isinstance(m, PackedLinear) for m in plain.modules())
 
