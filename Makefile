@@ -8,9 +8,8 @@ export PYTHONPATH := $(CURDIR)
 # `serve` commands on this machine read it there). The tests turn it off explicitly for their loopback clusters.
 serve: export RAY_AUTH_MODE := token
 test: export RAY_AUTH_MODE := disabled
-# OpenMP workers sleep after a bounded spin (see replicas/__init__.py's OPENMP_ENV, which these repeat).
-export OMP_WAIT_POLICY ?= PASSIVE
-export GOMP_SPINCOUNT ?= 30000
+# OpenMP's wait policy: every Python entry point below imports `replicas` (or `bench`) before torch, which sets
+# replicas.OPENMP_ENV unless the environment already has its variables.
 
 .PHONY: setup cpu-kernels serve demo test bench clean
 
