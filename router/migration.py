@@ -93,6 +93,10 @@ class Delivered:
                 self.finished.add(index)
         return output
 
+    def complete(self, n: int) -> bool:
+        """Whether all `n` choices were sent their finish: a replica lost after that loses nothing."""
+        return len(self.finished) >= n
+
     @property
     def num_tokens(self) -> int:
         return sum(len(token_ids) for token_ids in self.token_ids.values())
@@ -188,6 +192,8 @@ class _Calls:
                 reason = lost_replica_reason(error)
                 if reason is None or error is lost:
                     raise
+                if delivered.complete(params.n):
+                    return  # lost between its last output and the end of the call: nothing to resume
                 lost, wait_until = error, time.monotonic() + self.policy.deadline_s
                 plans = delivered.resume(params)
                 if (plans is None or migrations == self.policy.max_migrations

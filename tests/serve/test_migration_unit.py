@@ -42,6 +42,7 @@ class FakeReplicas:
     hang: bool = False
     none_running: bool = False  # no call ever starts (Serve holds calls while no replica runs)
     hold_back_second: bool = False  # the first call sends token 2 without its text (a possible stop-string prefix)
+    die_after_last: bool = False  # the first call dies after its final output, before the call ends
     calls: list[Call] = field(default_factory=list)
 
     def __call__(self, request_id: str, params: SamplingParams, resume: ResumeState | None) -> AsyncIterator:
@@ -64,6 +65,8 @@ class FakeReplicas:
             completion = CompletionOutput(0, text, [TOKENS[position]], "length" if finished else None,
                                           cumulative_logprob=-1.0 * (position - start + 1))  # fmt: skip
             yield RequestOutput("r", None, list(PROMPT), [completion], finished, num_cached_tokens=2)
+        if self.die_after_last and call == 0:
+            raise to_api_error(self.error) from self.error
 
 
 def collect(replicas: FakeReplicas, params: SamplingParams | None = None,
@@ -118,6 +121,15 @@ def test_held_back_text_is_sent_once_by_the_new_replica() -> None:
     assert replicas.calls[1].resume == ResumeState(TOKENS[:2], len("He"))
     text = "".join(c.text for output in replicas_outputs for c in output.outputs)
     assert text == "".join(TEXTS)
+
+
+def test_a_call_lost_after_its_final_output_ends_the_request_without_a_resume() -> None:
+    # The replica died between sending the finish and ending the call: the client has everything (a resume would
+    # ask the engine for tokens past max_tokens).
+    replicas = FakeReplicas(deliver=[], die_after_last=True)
+    outputs, reasons = collect(replicas)
+    assert [token for output in outputs for c in output.outputs for token in c.token_ids] == TOKENS
+    assert outputs[-1].finished and reasons == [] and len(replicas.calls) == 1
 
 
 def test_max_migrations_bounds_the_calls_and_then_the_error_reaches_the_client() -> None:
