@@ -89,9 +89,7 @@ def _load_key(replica: ReplicaView) -> tuple[float, float, float]:
 def _is_saturated(replica: ReplicaView) -> bool:
     """No slot there for this request: its ongoing requests, and those held for it since before this one (the
     next slots to free are theirs), fill it."""
-    if replica.num_ongoing is None:
-        return False
-    return replica.num_ongoing + replica.num_held_ahead >= replica.max_ongoing_requests
+    return replica.num_ongoing is not None and _free_slots(replica) == 0
 
 
 def _free_slots(replica: ReplicaView) -> int:
