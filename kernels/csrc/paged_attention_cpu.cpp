@@ -4,9 +4,11 @@
 // Work is split into items (sequence, query tile, KV heads): a decode is one tile; a prefill chunk is cut into tiles
 // of QUERY_TILE tokens so that a long chunk spreads over threads. An item covers every KV head (its reads of each
 // block are then one contiguous stream) unless that leaves too few items for the threads, when it covers one. It
-// holds the tile's rows (tokens x query heads) and walks the key blocks the tile can see, prefetching ahead,
-// so each K/V row it loads serves every query head of its group. Items run under OpenMP, longest first, dynamically
-// scheduled.
+// holds the tile's rows (tokens x query heads) and walks the key blocks the tile can see, prefetching ahead. The
+// rows of one token and one KV head (its GQA group) are computed together, up to three at a time: each K/V vector
+// loaded (and converted from bf16/fp16) serves all of them. Measured on the 2-vCPU EPYC (AVX2), 64 decodes of ~300
+// tokens, all 30 layers of the default model: a bf16 cache 41.3 -> 32.7 ms, fp32 52.7 -> 53.6 (bound by DRAM).
+// Items run under OpenMP, longest first, dynamically scheduled.
 //
 // SIMD is chosen at compile time: AVX-512 (16 lanes), AVX2+FMA (8 lanes), or a portable scalar path. The cache
 // element type is a template parameter (float, BFloat16, Half), converted to fp32 as it is loaded.
@@ -93,7 +95,16 @@ inline Vec vexp(Vec x) {
   return _mm512_mask_blend_ps(tiny, y, _mm512_setzero_ps());
 }
 
+// The four sums of four accumulators, stored to out[0..3].
+inline void vsum4(const Vec* acc, float* out) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
 // The eight sums of eight accumulators, stored to out[0..7].
+inline void vsum4(const Vec* acc, float* out) {
+  for (int i = 0; i < 4; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
 inline void vsum8(const Vec* acc, float* out) {
   for (int i = 0; i < 8; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
@@ -151,6 +162,12 @@ inline Vec vexp(Vec x) {
   const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
   y = _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
   return _mm256_andnot_ps(tiny, y);
+}
+
+// The four sums of four accumulators, stored to out[0..3].
+inline void vsum4(const Vec* acc, float* out) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
 // The eight sums of eight accumulators, stored to out[0..7] (a transposing hadd tree: 7 adds for 8 reductions).
@@ -235,6 +252,96 @@ inline void accumulate_values(float* acc, const float* weights, const KV* values
     float a = acc[d];
     for (int j = 0; j < count; ++j) a += weights[j] * static_cast<float>(values[j * stride + d]);
     acc[d] = a;
+  }
+}
+
+// dot_keys for R query rows (q: R rows of dim, scores: R rows of score_stride) sharing one KV head: each key vector
+// loaded (and converted) once serves all R rows.
+template <int R, typename KV>
+inline void dot_keys_rows(const float* q, const KV* keys, int64_t stride, int count, int dim, float* scores,
+                          int score_stride) {
+  int j = 0;
+#if defined(PAGED_CPU_SIMD)
+  if (dim % kWidth == 0) {
+    for (; j + 4 <= count; j += 4) {
+      Vec acc[R * 4];
+      for (int i = 0; i < R * 4; ++i) acc[i] = vzero();
+      for (int d = 0; d < dim; d += kWidth) {
+        Vec qd[R];
+        for (int i = 0; i < R; ++i) qd[i] = vload(q + i * dim + d);
+        for (int k = 0; k < 4; ++k) {
+          const Vec kv = vload(keys + (j + k) * stride + d);
+          for (int i = 0; i < R; ++i) acc[i * 4 + k] = vfma(qd[i], kv, acc[i * 4 + k]);
+        }
+      }
+      float sums[R * 4];
+      int b = 0;
+      for (; b + 8 <= R * 4; b += 8) vsum8(acc + b, sums + b);
+      if (b < R * 4) vsum4(acc + b, sums + b);
+      for (int i = 0; i < R; ++i)
+        for (int k = 0; k < 4; ++k) scores[i * score_stride + j + k] = sums[i * 4 + k];
+    }
+  }
+#endif
+  for (int i = 0; j < count && i < R; ++i) {
+    dot_keys(q + i * dim, keys + j * stride, stride, count - j, dim, scores + i * score_stride + j);
+  }
+}
+
+// accumulate_values for R rows (acc: R rows of dim, weights: R rows of weight_stride) sharing one KV head.
+template <int R, typename KV>
+inline void accumulate_values_rows(float* acc, const float* weights, int weight_stride, const KV* values,
+                                   int64_t stride, int count, int dim) {
+  int d = 0;
+#if defined(PAGED_CPU_SIMD)
+  for (; d + 4 * kWidth <= dim; d += 4 * kWidth) {
+    Vec a[R * 4];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < 4; ++c) a[i * 4 + c] = vload(acc + i * dim + d + c * kWidth);
+    for (int j = 0; j < count; ++j) {
+      Vec w[R];
+      for (int i = 0; i < R; ++i) w[i] = vset1(weights[i * weight_stride + j]);
+      for (int c = 0; c < 4; ++c) {
+        const Vec v = vload(values + j * stride + d + c * kWidth);
+        for (int i = 0; i < R; ++i) a[i * 4 + c] = vfma(w[i], v, a[i * 4 + c]);
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < 4; ++c) vstore(acc + i * dim + d + c * kWidth, a[i * 4 + c]);
+  }
+#endif
+  if (d < dim) {
+    for (int i = 0; i < R; ++i)
+      accumulate_values(acc + i * dim + d, weights + i * weight_stride, values + d, stride, count, dim - d);
+  }
+}
+
+// Rows [0, rows) sharing a KV head, in sub-groups of at most 3 (what fits the 16 AVX2 registers).
+template <typename KV>
+inline void dot_keys_group(const float* q, const KV* keys, int64_t stride, int count, int dim, float* scores,
+                           int score_stride, int rows) {
+  for (int i = 0; i < rows; i += 3) {
+    const float* qi = q + i * dim;
+    float* si = scores + i * score_stride;
+    switch (std::min(3, rows - i)) {
+      case 3: dot_keys_rows<3>(qi, keys, stride, count, dim, si, score_stride); break;
+      case 2: dot_keys_rows<2>(qi, keys, stride, count, dim, si, score_stride); break;
+      default: dot_keys_rows<1>(qi, keys, stride, count, dim, si, score_stride);
+    }
+  }
+}
+
+template <typename KV>
+inline void accumulate_values_group(float* acc, const float* weights, int weight_stride, const KV* values,
+                                    int64_t stride, int count, int dim, int rows) {
+  for (int i = 0; i < rows; i += 3) {
+    float* ai = acc + i * dim;
+    const float* wi = weights + i * weight_stride;
+    switch (std::min(3, rows - i)) {
+      case 3: accumulate_values_rows<3>(ai, wi, weight_stride, values, stride, count, dim); break;
+      case 2: accumulate_values_rows<2>(ai, wi, weight_stride, values, stride, count, dim); break;
+      default: accumulate_values_rows<1>(ai, wi, weight_stride, values, stride, count, dim);
+    }
   }
 }
 
@@ -336,6 +443,15 @@ inline void prefetch_block(const KV* keys, const KV* values, int64_t elements) {
 #endif
 }
 
+// Row r's slice of the span of the block `next` starts (none when span is 0).
+template <typename KV>
+inline void prefetch_slice(const Problem<KV>& p, int64_t next, int64_t slice, int64_t span, int r) {
+  if (r * slice < span) {
+    const int64_t offset = next + r * slice;
+    prefetch_block(p.key_cache + offset, p.value_cache + offset, std::min(slice, span - r * slice));
+  }
+}
+
 template <typename KV>
 void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   const int dim = p.head_dim, group = p.group, block_size = p.block_size, window = p.sliding_window;
@@ -353,7 +469,6 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   scratch.acc.assign(static_cast<size_t>(num_rows) * dim, 0.0f);
   scratch.row_max.assign(num_rows, NEG_INF);
   scratch.row_sum.assign(num_rows, 0.0f);
-  scratch.scores.resize(block_size);
   for (int r = 0; r < num_rows; ++r) {
     const int token = first_token_row + item.token_begin + r / heads;
     const int head = head_begin + r % heads;
@@ -370,6 +485,8 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   // The span of one block this item reads: every slot, its KV heads.
   const int64_t head_offset = item.kv_head_begin * p.cache_stride_head;
   const int64_t span = (block_size - 1) * p.cache_stride_slot + (item.kv_head_end - item.kv_head_begin) * p.cache_stride_head;
+  // Rows come in runs of `group` (one token, one KV head): each run shares its keys, values and key range.
+  scratch.scores.resize(static_cast<size_t>(group) * block_size);
   float* scores = scratch.scores.data();
   for (int block = first_block; block < end_block; ++block) {
     const int block_start = block * block_size;
@@ -381,33 +498,42 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
     const int64_t slice = (span + num_rows - 1) / num_rows;
     const int tile_lo = std::max(key_begin, block_start) - block_start;
     const int tile_hi = std::min(key_end, block_start + block_size) - block_start;
-    for (int r = 0; r < num_rows; ++r) {
-      const int position = context + item.token_begin + r / heads;
+    // Row r's slice of the prefetch, issued at one of three points of its run's work (before the dot products, in
+    // the softmax, before the values): a run's slices at once fill the core's outstanding-miss slots and stall.
+    const int64_t prefetch_span = prefetch ? span : 0;
+    for (int r0 = 0; r0 < num_rows; r0 += group) {
+      prefetch_slice(p, next, slice, prefetch_span, r0);
+      const int position = context + item.token_begin + r0 / heads;
       // Causal: keys up to the row's own position; window: keys after position - window.
       const int hi = std::min(tile_hi, position + 1 - block_start);
       const int lo = window > 0 ? std::max(tile_lo, position - window + 1 - block_start) : tile_lo;
-      if (prefetch && r * slice < span) {
-        const int64_t offset = next + r * slice;
-        prefetch_block(p.key_cache + offset, p.value_cache + offset, std::min(slice, span - r * slice));
+      if (lo >= hi) {
+        for (int r = r0 + 1; r < r0 + group; ++r) prefetch_slice(p, next, slice, prefetch_span, r);
+        continue;
       }
-      if (lo >= hi) continue;
       const int count = hi - lo;
-      const int kv_head = (head_begin + r % heads) / group;
+      const int kv_head = (head_begin + r0 % heads) / group;
       const KV* keys = p.key_cache + base + kv_head * p.cache_stride_head + lo * p.cache_stride_slot;
       const KV* values = p.value_cache + base + kv_head * p.cache_stride_head + lo * p.cache_stride_slot;
-      const float* q = scratch.query.data() + static_cast<size_t>(r) * dim;
-      float* acc = scratch.acc.data() + static_cast<size_t>(r) * dim;
-      dot_keys(q, keys, p.cache_stride_slot, count, dim, scores);
-      // Online softmax: rescale what was accumulated when the running max grows.
-      const float new_max = std::max(scratch.row_max[r], max_of(scores, count));
-      if (new_max > scratch.row_max[r]) {
-        const float correction = std::exp(scratch.row_max[r] - new_max);  // 0 for the first block
-        scratch.row_sum[r] *= correction;
-        scale_row(acc, correction, dim);
-        scratch.row_max[r] = new_max;
+      const float* q = scratch.query.data() + static_cast<size_t>(r0) * dim;
+      float* acc = scratch.acc.data() + static_cast<size_t>(r0) * dim;
+      dot_keys_group(q, keys, p.cache_stride_slot, count, dim, scores, block_size, group);
+      for (int i = 0; i < group; ++i) {
+        // Online softmax: rescale what was accumulated when the running max grows.
+        const int r = r0 + i;
+        if (i > 0 && i < group - 1) prefetch_slice(p, next, slice, prefetch_span, r);
+        float* row_scores = scores + i * block_size;
+        const float new_max = std::max(scratch.row_max[r], max_of(row_scores, count));
+        if (new_max > scratch.row_max[r]) {
+          const float correction = std::exp(scratch.row_max[r] - new_max);  // 0 for the first block
+          scratch.row_sum[r] *= correction;
+          scale_row(acc + static_cast<size_t>(i) * dim, correction, dim);
+          scratch.row_max[r] = new_max;
+        }
+        scratch.row_sum[r] += exp_shifted(row_scores, count, new_max);
       }
-      scratch.row_sum[r] += exp_shifted(scores, count, new_max);
-      accumulate_values(acc, scores, values, p.cache_stride_slot, count, dim);
+      if (group > 1) prefetch_slice(p, next, slice, prefetch_span, r0 + group - 1);
+      accumulate_values_group(acc, scores, block_size, values, p.cache_stride_slot, count, dim, group);
     }
   }
 
