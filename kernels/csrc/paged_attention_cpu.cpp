@@ -97,14 +97,10 @@ inline Vec vexp(Vec x) {
 
 // The four sums of four accumulators, stored to out[0..3].
 inline void vsum4(const Vec* acc, float* out) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  for (int i = 0; i < 4; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
 
 // The eight sums of eight accumulators, stored to out[0..7].
-inline void vsum4(const Vec* acc, float* out) {
-  for (int i = 0; i < 4; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
-}
 inline void vsum8(const Vec* acc, float* out) {
   for (int i = 0; i < 8; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
