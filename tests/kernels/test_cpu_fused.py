@@ -5,12 +5,15 @@ build, and how `attention_backend=auto` picks it or falls back."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sysconfig
 from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.cpp_extension import include_paths
 
 import kernels
 from kernels import cpu_fused_build
@@ -110,6 +113,16 @@ def scalar_backend():
     backend = CpuFusedAttentionBackend(variant="scalar", compile_if_missing=True)
     assert backend.simd_path == "scalar"
     return backend
+
+
+def test_avx512_path_compiles() -> None:
+    """No AVX-512 machine runs the tests, so at least the AVX-512 section must compile (an AVX2 intrinsic slipped
+    into it once)."""
+    includes = [arg for path in [*include_paths(), sysconfig.get_paths()["include"]] for arg in ("-isystem", path)]
+    command = ["g++", "-std=c++20", "-fsyntax-only", "-march=skylake-avx512", "-fopenmp", "-DPAGED_CPU_LIBRARY=avx512",
+               *includes, str(cpu_fused_build.SOURCE)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_auto_picks_cpu_fused_on_cpu_when_built(cpu_fused_backend) -> None:
