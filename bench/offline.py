@@ -165,9 +165,9 @@ def workload_llm(args: argparse.Namespace, **overrides: object) -> LLM:
     """An engine for the mixed workload, warmed up on other prompts of the same shape. NOTE: prefix caching is off:
     an engine runs the workload more than once (A/B), and a later run would find its prompts cached and skip their
     prefill; the workload's random prompts share nothing, so a single run loses nothing by it."""
+    options = {"dtype": args.dtype, **overrides}
     llm = LLM(str(args.model), num_threads=args.threads, max_num_seqs=128, max_model_len=2048,
-              kv_cache_memory_bytes=3 * 1024**3, dtype=args.dtype, enable_prefix_caching=False,
-              **overrides)  # fmt: skip
+              kv_cache_memory_bytes=3 * 1024**3, enable_prefix_caching=False, **options)  # fmt: skip
     run_engine(llm, make_workload(16, args.seed + 1, llm.engine.vocab_size))
     return llm
 
@@ -318,6 +318,15 @@ def main() -> None:
     print(f"engine on the mixed workload: {engine_tok_s:.1f} tok/s, {flops / elapsed / 1e9:.1f} GFLOP/s = "
           f"{flops / elapsed / peak:.0%} of the measured {args.dtype} GEMM peak ({peak / 1e9:.1f} GFLOP/s; 2 x parameters "
           f"per computed prompt and output token + attention)")  # fmt: skip
+    if dtype == torch.bfloat16:
+        # The fp32 engine beside it, against the fp32 peak, and how far bf16's greedy outputs follow fp32's.
+        fp32_peak = measure_gemm_peak(dtype=torch.float32)
+        fp32 = run_variant(args, workload, reference, flops, fp32_peak, dtype="float32")
+        results["engine_fp32"] = {"gemm_peak_gflops": fp32_peak / 1e9, **fp32}
+        print(f"fp32 engine: {fp32['tok_s']:.1f} tok/s = {fp32['fraction_of_gemm_peak']:.0%} of the measured fp32 "
+              f"GEMM peak ({fp32_peak / 1e9:.1f} GFLOP/s); bf16 / fp32 {engine_tok_s / fp32['tok_s']:.2f}x; greedy "
+              f"agreement of bf16 with fp32: {fp32['tokens_before_divergence']:.1%} of tokens before the first difference, "
+              f"{fp32['identical_outputs']:.1%} of outputs identical")  # fmt: skip
     if args.prepack_ab:
         packed_first = llm.engine.config.prepack_weights  # the default: the engine above ran prepacked
         flipped = run_variant(args, workload, reference, flops, peak, prepack_weights=not packed_first)

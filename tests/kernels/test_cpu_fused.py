@@ -17,11 +17,15 @@ from torch.utils.cpp_extension import include_paths
 
 import kernels
 from kernels import cpu_fused_build
+from kernels.cpu_features import cpu_flags
 
 from .paged_batches import BatchSpec, batch_specs, make_batch, reference_attention, relative_error
 from .test_attention_kernels import FP32_TOLERANCE, hypothesis_settings, run_cpu_fused
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="cpu_fused runs on CPU; the kernel tests use CUDA")
+
+
+CACHE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @st.composite
@@ -115,9 +119,29 @@ def scalar_backend():
     return backend
 
 
+@pytest.mark.slow
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="without AVX-512 the native build is the AVX2 path")
+@given(spec=fused_specs(max_seqs=6, max_seq_len=300), cache_dtype=st.sampled_from(CACHE_DTYPES))
+@hypothesis_settings(max_examples=25)
+def test_avx2_build_on_an_avx512_machine_matches_reference(avx2_backend, spec: BatchSpec, cache_dtype) -> None:
+    """The native build is the AVX-512 path here; the AVX2 path (what AVX2-only machines run) is checked too."""
+    batch = make_batch(spec, cache_dtype=cache_dtype)
+    error = relative_error(run_cpu_fused(avx2_backend, batch), reference_attention(*batch.attention_args()))
+    assert error <= FP32_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def avx2_backend():
+    from kernels.cpu_fused_backend import CpuFusedAttentionBackend
+
+    backend = CpuFusedAttentionBackend(variant="avx2", compile_if_missing=True)
+    assert backend.simd_path == "avx2"
+    return backend
+
+
 def test_avx512_path_compiles() -> None:
-    """No AVX-512 machine runs the tests, so at least the AVX-512 section must compile (an AVX2 intrinsic slipped
-    into it once)."""
+    """On a machine without AVX-512 the AVX-512 section must at least compile (an AVX2 intrinsic slipped into it
+    once); AVX-512 machines run it."""
     includes = [arg for path in [*include_paths(), sysconfig.get_paths()["include"]] for arg in ("-isystem", path)]
     command = ["g++", "-std=c++20", "-fsyntax-only", "-march=skylake-avx512", "-fopenmp", "-DPAGED_CPU_LIBRARY=avx512",
                *includes, str(cpu_fused_build.SOURCE)]  # fmt: skip
