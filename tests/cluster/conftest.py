@@ -138,7 +138,9 @@ def tiny_app_args(model_dir: Path, **overrides: Any) -> dict[str, Any]:
         "replica_num_cpus": 0.5,
         "replica_resources": {REPLICA_RESOURCE: 1},
         "ingress_num_cpus": 0.25,
-        "engine": {"kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": TINY_MAX_NUM_SEQS, "num_threads": 1},
+        "engine": {
+            "dtype": "float32", "kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": TINY_MAX_NUM_SEQS, "num_threads": 1
+        },
         "max_queued_requests": 64,
         "routing_stats_period_s": 0.5,
         **overrides,

@@ -109,7 +109,9 @@ def served_apps(serve_port: int, tiny_llama_dir: Path, default_model_dir: Path) 
         "num_replicas": 2,
         "replica_num_cpus": 0.5,
         "ingress_num_cpus": 0.25,
-        "engine": {"kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": TINY_MAX_NUM_SEQS, "num_threads": 1},
+        "engine": {
+            "dtype": "float32", "kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": TINY_MAX_NUM_SEQS, "num_threads": 1
+        },
         "max_queued_requests": TINY_MAX_QUEUED,
         "routing_stats_period_s": 0.5,
     })  # fmt: skip
@@ -117,7 +119,7 @@ def served_apps(serve_port: int, tiny_llama_dir: Path, default_model_dir: Path) 
         "model": str(default_model_dir),
         "replica_num_cpus": 1,
         "ingress_num_cpus": 0.25,
-        "engine": {"kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 1024, "num_threads": 1},
+        "engine": {"dtype": "float32", "kv_cache_memory_bytes": 64 * 2**20, "max_model_len": 1024, "num_threads": 1},
         "ingress": {"api_key": API_KEY},
     })  # fmt: skip
     stress = _stress_app(tiny_llama_dir)
@@ -148,7 +150,10 @@ def _stress_app(tiny_llama_dir: Path) -> Any:
             "num_replicas": 2,
             "replica_num_cpus": 0.25,
             "ingress_num_cpus": 0.25,
-            "engine": {"kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": STRESS_MAX_NUM_SEQS, "num_threads": 1},
+            "engine": {
+                "dtype": "float32",
+                "kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": STRESS_MAX_NUM_SEQS, "num_threads": 1
+            },
             "max_queued_requests": STRESS_MAX_QUEUED,
             "routing_stats_period_s": 0.5,
             "ingress": {"max_concurrent_requests": STRESS_MAX_CONCURRENT},

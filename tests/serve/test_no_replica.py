@@ -45,7 +45,10 @@ def doomed_app(serve_port: int, tiny_llama_dir: Path) -> Iterator[ServedApp]:
             "num_replicas": 2,
             "replica_num_cpus": 0.1,
             "ingress_num_cpus": 0.1,
-            "engine": {"kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": 8, "max_model_len": 1024, "num_threads": 1},
+            "engine": {
+                "dtype": "float32",
+                "kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": 8, "max_model_len": 1024, "num_threads": 1
+            },
             "routing_stats_period_s": 0.5,
             "ingress": {"migration_deadline_s": DEADLINE_S},
         })  # fmt: skip

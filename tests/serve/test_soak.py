@@ -30,7 +30,10 @@ def soak_app(serve_port: int, tiny_llama_dir: Path) -> Iterator[ServedApp]:
         "num_replicas": 2,
         "replica_num_cpus": 0.2,
         "ingress_num_cpus": 0.2,
-        "engine": {"kv_cache_memory_bytes": 16 * 2**20, "max_num_seqs": 8, "max_model_len": 1024, "num_threads": 1},
+        "engine": {
+            "dtype": "float32",
+            "kv_cache_memory_bytes": 16 * 2**20, "max_num_seqs": 8, "max_model_len": 1024, "num_threads": 1
+        },
         "routing_stats_period_s": 0.5,
     })  # fmt: skip
     serve.run(app, name=SOAK_APP, route_prefix=f"/{SOAK_APP}")

@@ -48,7 +48,7 @@ def hermes_app(serve_port: int, model_dir: Path) -> Iterator[ServedApp]:
 
     app = build_app({
         "model": str(model_dir), "served_model_name": "hermes", "replica_num_cpus": 0.25, "ingress_num_cpus": 0.25,
-        "engine": {"kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": 4, "num_threads": 1},
+        "engine": {"dtype": "float32", "kv_cache_memory_bytes": 8 * 2**20, "max_num_seqs": 4, "num_threads": 1},
         "ingress": {"tool_call_parser": "hermes"},
     })  # fmt: skip
     serve.run(app, name="hermes", route_prefix="/hermes")
