@@ -45,14 +45,16 @@ class AttentionTimer:
         return timed
 
 
-def profile_backend(model: Path, backend: str, batch: int, context: int, steps: int, threads: int | None) -> dict:
+def profile_backend(
+    model: Path, backend: str, batch: int, context: int, steps: int, threads: int | None, dtype: str = "float32"
+) -> dict:
     label = backend
     backend, _, mode = backend.partition("+")  # `cpu_fused+eager` / `+compile`: EngineConfig.compile off / on
     backend, _, kv_cache_dtype = backend.partition(":")  # `cpu_fused:bfloat16`: with a 16-bit KV cache
     compile_kwargs = {"compile": mode == "compile"} if mode else {}
     llm = LLM(str(model), attention_backend=backend, num_threads=threads, max_num_seqs=batch, max_model_len=2048,
               max_num_batched_tokens=4096, kv_cache_memory_bytes=2 * 1024**3,
-              kv_cache_dtype=kv_cache_dtype or "auto", dtype="float32", **compile_kwargs)  # fmt: skip
+              kv_cache_dtype=kv_cache_dtype or "auto", dtype=dtype, **compile_kwargs)  # fmt: skip
     engine = llm.engine
     assert engine.model_runner.backend.name == backend, engine.model_runner.backend.name
     torch.set_num_threads(engine.config.resolved_num_threads())
@@ -79,6 +81,7 @@ def profile_backend(model: Path, backend: str, batch: int, context: int, steps: 
     shares = [a / s for a, s in zip(attention_s, step_s)]
     return {
         "backend": label,
+        "dtype": dtype,
         "compile": engine.config.compile,
         "batch": batch,
         "context": context,
@@ -91,12 +94,14 @@ def profile_backend(model: Path, backend: str, batch: int, context: int, steps: 
     }
 
 
-def run(model: Path, backends: list[str], batch: int, context: int, steps: int, threads: int | None) -> None:
+def run(
+    model: Path, backends: list[str], batch: int, context: int, steps: int, threads: int | None, dtype: str = "float32"
+) -> None:
     flags = cpu_flags()
-    print(f"CPU: {cpu_model()}; flags {' '.join(flags)}; decode-only steps, batch {batch}, context ~{context}")
+    print(f"CPU: {cpu_model()}; flags {' '.join(flags)}; decode-only steps, batch {batch}, context ~{context}, {dtype}")
     rows = []
     for backend in backends:
-        row = profile_backend(model, backend, batch, context, steps, threads)
+        row = profile_backend(model, backend, batch, context, steps, threads, dtype)
         rows.append(row)
         print(f"\n## {backend}: one decode step under the profiler (attention::* are the backend's ops, all layers)")
         print(row["profiler_table"])

@@ -284,7 +284,9 @@ def main() -> None:
     if args.profile:
         from bench import decode_profile
 
-        decode_profile.run(args.model, args.backends.split(","), args.batch, args.context, args.steps, args.threads)
+        decode_profile.run(
+            args.model, args.backends.split(","), args.batch, args.context, args.steps, args.threads, args.dtype
+        )
         return
     if args.tiny:
         run_tiny(args)

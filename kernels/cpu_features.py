@@ -26,3 +26,9 @@ def cpu_flags(cpuinfo: str | None = None) -> list[str]:
 def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
                 "?")  # fmt: skip
+
+
+def cpu_has_bf16_compute(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16): then bf16 GEMMs beat fp32 ones."""
+    flags = cpu_flags(cpuinfo)
+    return "avx512_bf16" in flags or "amx_bf16" in flags

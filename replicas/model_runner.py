@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig
 
 import kernels
-from kernels.cpu_features import cpu_flags
+from kernels.cpu_features import cpu_has_bf16_compute
 from replicas import compilation
 from replicas.config import EngineConfig, EngineConfigError
 from replicas.input_batch import InputBatch, PromptLogitsSpan, StepInputs
@@ -50,12 +50,6 @@ class KVCacheSpec:
     @property
     def bytes_per_block(self) -> int:
         return self.bytes_per_token * self.block_size
-
-
-def cpu_has_bf16_compute(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16): then bf16 GEMMs beat fp32 ones."""
-    flags = cpu_flags(cpuinfo)
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(config: EngineConfig, hf_config: object, device: str) -> torch.dtype:

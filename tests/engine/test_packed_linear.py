@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from kernels.cpu_features import cpu_has_bf16_compute
+from replicas.models import packed_linear
 from replicas.models.packed_linear import PackedLinear, can_prepack, padded_rows, prepack_linears
 from replicas import SamplingParams
 from tests.engine.helpers import make_engine, random_prompts
@@ -35,6 +37,25 @@ def test_packed_linear_matches_a_float64_reference(
         scale = scale + bias_tensor.double().abs()
     assert out.shape == (rows, out_features) and out.dtype == torch.float32
     assert ((out.double() - reference).abs() / scale).max().item() <= 1e-5 * max(1, in_features**0.5)
+
+
+@pytest.mark.skipif(not cpu_has_bf16_compute(), reason="bf16 weights are packed only where the CPU multiplies bf16")
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 300), in_features=st.integers(1, 700), out_features=st.integers(1, 700),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_packed_bf16_linear_matches_a_float64_reference(
+    rows: int, in_features: int, out_features: int, seed: int
+) -> None:
+    """bf16 inputs and weights, products accumulated in fp32, the result rounded once to bf16."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator).bfloat16()
+    hidden = torch.randn(rows, in_features, generator=generator).bfloat16()
+    out = PackedLinear(weight, bias)(hidden)
+    reference = hidden.double() @ weight.double().T + bias.double()
+    scale = hidden.double().abs() @ weight.double().abs().T + bias.double().abs() + 1e-30
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    assert ((out.double() - reference).abs() / scale).max().item() <= 2**-8 + 1e-5 * max(1, in_features**0.5)
 
 
 def test_non_contiguous_rows_are_accepted() -> None:
@@ -67,9 +88,14 @@ def test_packed_and_plain_weights_score_prompts_alike(tiny_llama_dir: Path) -> N
     assert worst < 1e-4  # the same fp32 products summed in another order
 
 
-def test_only_cpu_float32_is_packed() -> None:
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_cpu_float32_is_packed_and_bfloat16_where_the_cpu_multiplies_it(
+    monkeypatch: pytest.MonkeyPatch, has_bf16: bool
+) -> None:
+    monkeypatch.setattr(packed_linear, "cpu_has_bf16_compute", lambda: has_bf16)
     assert can_prepack(torch.device("cpu"), torch.float32)
-    assert not can_prepack(torch.device("cpu"), torch.bfloat16)
+    assert can_prepack(torch.device("cpu"), torch.bfloat16) is has_bf16
+    assert not can_prepack(torch.device("cpu"), torch.float16)
     assert not can_prepack(torch.device("cuda"), torch.float32)
 
 
