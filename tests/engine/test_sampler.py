@@ -105,6 +105,15 @@ def test_greedy_rows_take_the_argmax_even_beside_random_rows() -> None:
     assert out.token_ids[0] == 1
 
 
+def test_greedy_ties_go_to_the_first_maximum_as_transformers_argmax() -> None:
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (64, 49152), generator=generator).float()  # every row full of ties
+    logits[5, 7] = float("nan")  # NaN wins, as in argmax
+    out = sampler(logits, [seq_with(SamplingParams(temperature=0.0)) for _ in range(64)])
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+
+
 def test_a_seeded_row_draws_the_same_tokens_whatever_else_is_in_the_batch() -> None:
     def draw(batch_size: int) -> list[int]:
         sampler = Sampler(seed=batch_size, device=torch.device("cpu"))
