@@ -100,43 +100,28 @@ def test_rejects_mismatched_head_counts(cpu_fused_backend) -> None:
         cpu_fused_backend.paged_attention(batch.query[:, :3], *batch.attention_args()[1:])
 
 
-@pytest.mark.slow
-@given(spec=fused_specs(max_seqs=6, max_seq_len=300))
-@hypothesis_settings(max_examples=25)
-def test_portable_scalar_build_matches_reference(scalar_backend, spec: BatchSpec) -> None:
-    batch = make_batch(spec)
-    error = relative_error(run_cpu_fused(scalar_backend, batch), reference_attention(*batch.attention_args()))
-    assert error <= FP32_TOLERANCE
-
-
-@pytest.fixture(scope="module")
-def scalar_backend():
-    """The source built with no intrinsics and the baseline ISA: the path a machine without AVX2 compiles."""
+@pytest.fixture(
+    scope="module",
+    params=["scalar", pytest.param("avx2", marks=pytest.mark.skipif(
+        "avx512f" not in cpu_flags(), reason="without AVX-512 the native build is the AVX2 path"))],
+)  # fmt: skip
+def other_build(request: pytest.FixtureRequest):
+    """Builds of the source the native one is not: the portable scalar path (no intrinsics, baseline ISA: what a
+    machine without AVX2 compiles) and, on an AVX-512 machine, the AVX2 path (what AVX2-only machines run)."""
     from kernels.cpu_fused_backend import CpuFusedAttentionBackend
 
-    backend = CpuFusedAttentionBackend(variant="scalar", compile_if_missing=True)
-    assert backend.simd_path == "scalar"
+    backend = CpuFusedAttentionBackend(variant=request.param, compile_if_missing=True)
+    assert backend.simd_path == request.param
     return backend
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="without AVX-512 the native build is the AVX2 path")
 @given(spec=fused_specs(max_seqs=6, max_seq_len=300), cache_dtype=st.sampled_from(CACHE_DTYPES))
 @hypothesis_settings(max_examples=25)
-def test_avx2_build_on_an_avx512_machine_matches_reference(avx2_backend, spec: BatchSpec, cache_dtype) -> None:
-    """The native build is the AVX-512 path here; the AVX2 path (what AVX2-only machines run) is checked too."""
+def test_other_builds_match_reference(other_build, spec: BatchSpec, cache_dtype) -> None:
     batch = make_batch(spec, cache_dtype=cache_dtype)
-    error = relative_error(run_cpu_fused(avx2_backend, batch), reference_attention(*batch.attention_args()))
+    error = relative_error(run_cpu_fused(other_build, batch), reference_attention(*batch.attention_args()))
     assert error <= FP32_TOLERANCE
-
-
-@pytest.fixture(scope="module")
-def avx2_backend():
-    from kernels.cpu_fused_backend import CpuFusedAttentionBackend
-
-    backend = CpuFusedAttentionBackend(variant="avx2", compile_if_missing=True)
-    assert backend.simd_path == "avx2"
-    return backend
 
 
 def test_avx512_path_compiles() -> None:
