@@ -135,6 +135,7 @@ class RoutingStats:
     num_preemptions: int
     pid: int
     prefix_hashes: list[str] = field(default_factory=list)  # hex, most recently registered last
+    prefill_seconds_per_token: float = 0.0  # the engine's measured prefill cost; 0.0 when not measured yet
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

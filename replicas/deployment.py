@@ -152,6 +152,7 @@ class LLMReplica:
             num_preemptions=stats.num_preemptions,
             pid=os.getpid(),
             prefix_hashes=[block_hash.hex() for block_hash in recent_hashes],
+            prefill_seconds_per_token=stats.prefill_seconds_per_token,
         ).to_dict()
 
     def __del__(self) -> None:

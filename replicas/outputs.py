@@ -28,6 +28,7 @@ class EngineStats:
     num_generation_tokens: int
     num_steps: int
     num_requests_finished: int
+    prefill_seconds_per_token: float = 0.0  # of recent prefill-heavy steps; 0.0 before any ran
 
     @property
     def kv_usage(self) -> float:

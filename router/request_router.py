@@ -54,10 +54,12 @@ class RoutingPolicy:
     max_waiting_for_affinity: int = 8  # a replica with more waiting requests is overloaded for affinity
     max_imbalance: int = 4  # ... and so is one with this many more ongoing requests than the least loaded
     # A request whose prefix one replica holds at least `min_wait_blocks` deeper than any other waits for that
-    # replica while it is saturated: for as long as every other replica is saturated too (going elsewhere would
-    # queue as well, then pay the prefill), and once another has a free slot, for as long as prefilling those blocks
-    # there would take (`wait_per_block_s` each: 16 tokens of a 135M model on one busy CPU thread; far less on a
-    # GPU), at most `max_affinity_wait_s`. At most `max_held_for_affinity` requests wait for one replica at a time.
+    # replica while it is saturated, for as long as prefilling those blocks elsewhere would take: counted from when
+    # it was queued while every other replica is saturated too (going elsewhere would queue as well, then pay the
+    # prefill), and once another has a free slot, for as long as that slot stays free, at most
+    # `max_affinity_wait_s`. The prefill time is what the replicas measure (`RoutingStats.prefill_seconds_per_token`);
+    # before any has, `wait_per_block_s` a block (16 tokens of a 135M model on one busy EPYC thread) and no bound
+    # while all are saturated. At most `max_held_for_affinity` requests wait for one replica at a time.
     # (bench.routing --quick: 2 blocks at 0.3 s raised the hit rate from 63% to 66% over 4 blocks at 0.1 s, with
     # TTFT p99 no worse.)
     min_wait_blocks: int = 2
@@ -211,9 +213,21 @@ def _worth_waiting_for(
     saved_blocks = holder.prefix_blocks - max((r.prefix_blocks for r in others), default=0)
     if saved_blocks < policy.min_wait_blocks:
         return False
+    saved_s = saved_blocks * _prefill_s_per_block(replicas, policy)
     if all(_is_saturated(r) for r in others):
-        return True  # elsewhere it would queue too, and then prefill those blocks again
-    return waited_s < min(policy.max_affinity_wait_s, saved_blocks * policy.wait_per_block_s)
+        # Elsewhere it would queue too, and then prefill those blocks again: it waits for as long as that prefill
+        # would take (then takes whichever slot frees first; waiting up to the cost of giving up is never worse than
+        # twice the better choice), or without bound where no replica measured its prefill yet.
+        measured = any(r.stats is not None and r.stats.prefill_seconds_per_token > 0 for r in replicas)
+        return not measured or queued_s is None or queued_s < saved_s
+    return waited_s < min(policy.max_affinity_wait_s, saved_s)
+
+
+def _prefill_s_per_block(replicas: list[ReplicaView], policy: RoutingPolicy) -> float:
+    """How long prefilling one block takes: the replicas' measured prefill cost (their mean), else the policy's."""
+    measured = [r.stats.prefill_seconds_per_token * r.stats.block_size for r in replicas
+                if r.stats is not None and r.stats.prefill_seconds_per_token > 0]  # fmt: skip
+    return sum(measured) / len(measured) if measured else policy.wait_per_block_s
 
 
 def _queue_length(replica: ReplicaView) -> int:

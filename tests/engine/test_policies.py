@@ -68,3 +68,19 @@ def test_preemption_under_priority_policy_leaves_outputs_unchanged(tiny_llama_di
                               max_model_len=256)
         assert engine.stats().num_preemptions > 0
         assert outputs == reference
+
+
+def test_the_engine_measures_its_prefill_cost_per_token_on_prefill_heavy_steps(tiny_llama_dir: Path) -> None:
+    """The router weighs prefix hits by it: 0 until a step of at least PREFILL_STEP_TOKENS tokens ran."""
+    from replicas import SamplingParams
+    from replicas.engine import PREFILL_STEP_TOKENS
+
+    engine = make_engine(tiny_llama_dir)
+    engine.add_request("short", random_prompts(1, 8, 8, seed=1)[0], SamplingParams(max_tokens=2, temperature=0.0))
+    run_to_completion(engine)
+    assert engine.stats().prefill_seconds_per_token == 0.0  # 8-token prefill and 1-token decodes: not measured
+    long_prompt = random_prompts(1, 4 * PREFILL_STEP_TOKENS, 4 * PREFILL_STEP_TOKENS, seed=2)[0]
+    engine.add_request("long", long_prompt, SamplingParams(max_tokens=2, temperature=0.0))
+    run_to_completion(engine)
+    per_token = engine.stats().prefill_seconds_per_token
+    assert 0.0 < per_token < 1.0

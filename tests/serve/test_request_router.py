@@ -25,12 +25,13 @@ from router.request_router import (
 HASHES = prefix_block_hashes(list(range(100, 100 + 16 * 6)), block_size=16, max_blocks=256)  # six chained hashes
 
 
-def report(free: int = 100, waiting: int = 0, hashes: list[str] | None = None, age_s: float = 0.0) -> RoutingStats:
+def report(free: int = 100, waiting: int = 0, hashes: list[str] | None = None, age_s: float = 0.0,
+           prefill_seconds_per_token: float = 0.0) -> RoutingStats:  # fmt: skip
     return RoutingStats(
         timestamp=time.time() - age_s, num_running=0, num_waiting=waiting, num_free_blocks=free, num_total_blocks=100,
         num_cached_blocks=0, block_size=16, num_requests_finished=0, prefix_cache_queries=0, prefix_cache_hits=0,
         kv_slots_allocated=0, kv_slots_live=0, num_generation_tokens=0, num_preemptions=0, pid=1,
-        prefix_hashes=hashes or [],
+        prefix_hashes=hashes or [], prefill_seconds_per_token=prefill_seconds_per_token,
     )  # fmt: skip
 
 
@@ -89,6 +90,27 @@ def test_a_saturated_deep_holder_is_waited_for_while_every_other_replica_is_satu
     assert rank_replicas(busy, 6, policy, waited_s=100.0) == [(["b"], "prefix_hit")]
     crowded = [busy[0], ReplicaView("b", 8, 8, report(), prefix_blocks=6, num_held=2, num_held_ahead=2)]  # two wait
     assert rank_ids(crowded, 6, policy, waited_s=0.0) == [["a"]]  # not held: b's next slots go to those two
+
+
+def test_holds_are_bounded_by_the_prefill_time_the_replicas_measured() -> None:
+    """A fast replica (1 ms per token: 16 ms a block) makes a hit worth little waiting: the hold lasts as long as
+    prefilling the saved blocks would take, while others are saturated too and once one has a free slot."""
+    policy = RoutingPolicy(min_wait_blocks=4, wait_per_block_s=0.3, max_affinity_wait_s=3.0)
+
+    def measured(replica_id: str, **kwargs: Any) -> ReplicaView:
+        plain = view(replica_id, **kwargs)
+        return ReplicaView(plain.replica_id, plain.max_ongoing_requests, plain.num_ongoing,
+                           report(prefill_seconds_per_token=0.001), plain.prefix_blocks)  # fmt: skip
+
+    busy = [measured("a", prefix_blocks=1, ongoing=8, max_ongoing=8), measured("b", prefix_blocks=11, ongoing=8,
+                                                                                  max_ongoing=8)]  # fmt: skip
+    # 10 saved blocks x 16 tokens x 1 ms = 0.16 s
+    assert rank_replicas(busy, 11, policy, waited_s=0.0, queued_s=0.1) == [(["b"], "prefix_hit")]
+    ranks = rank_ids(busy, 11, policy, waited_s=0.0, queued_s=0.2)
+    assert sorted(ranks) == [["a"], ["b"]]  # no longer held: whichever slot frees first
+    free_a = [measured("a", prefix_blocks=1), busy[1]]
+    assert rank_replicas(free_a, 11, policy, waited_s=0.1) == [(["b"], "prefix_hit")]
+    assert first_choice(rank_ids(free_a, 11, policy, waited_s=0.2)) == ["a"]  # 3 s with the unmeasured 0.3 s a block
 
 
 def test_a_replica_with_requests_held_for_it_is_left_to_them_while_saturated() -> None:
