@@ -26,10 +26,6 @@ from replicas.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
-# Steps with at least this many tokens time the prefill cost per token (smaller ones are bound by reading the
-# weights, not by the tokens).
-PREFILL_STEP_TOKENS = 64
-
 
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model on one device.
@@ -80,10 +76,6 @@ class LLMEngine:
         # Tokens computed by each recent step, oldest first: the replica drains it into its tokens-per-step
         # histogram. NOTE: a deque, so the engine thread can append while another thread pops from the left.
         self.recent_step_num_tokens: deque[int] = deque(maxlen=4096)
-        # Seconds per computed token of recent steps of at least PREFILL_STEP_TOKENS tokens (prefill-heavy: the
-        # marginal cost of a prompt token here), an exponential average; 0.0 until such a step ran. The request
-        # router weighs a prefix-cache hit by it (how long recomputing the prefix would take).
-        self.prefill_seconds_per_token = 0.0
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: object) -> LLMEngine:
@@ -161,12 +153,7 @@ class LLMEngine:
         self.num_steps += 1
         self.recent_step_num_tokens.append(scheduled.num_batched_tokens)
         try:
-            started = time.perf_counter()
             model_output = self.model_runner.execute(scheduled)
-            if scheduled.num_batched_tokens >= PREFILL_STEP_TOKENS:
-                per_token = (time.perf_counter() - started) / scheduled.num_batched_tokens
-                previous = self.prefill_seconds_per_token
-                self.prefill_seconds_per_token = per_token if previous == 0.0 else 0.8 * previous + 0.2 * per_token
             if model_output.prompt_spans:
                 record_prompt_logprobs(self.requests, model_output.prompt_logits, model_output.prompt_spans)
             logits = model_output.logits
@@ -292,7 +279,7 @@ class LLMEngine:
             num_generation_tokens=scheduler.num_generation_tokens,
             num_steps=self.num_steps,
             num_requests_finished=self.num_requests_finished,
-            prefill_seconds_per_token=self.prefill_seconds_per_token,
+            prefill_seconds_per_token=self.model_runner.prefill_seconds_per_token,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,10 @@ from replicas.models.packed_linear import can_prepack, prepack_linears
 from replicas.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+# Steps with at least this many tokens time the prefill cost per token (smaller ones are bound by reading the
+# weights, not by the tokens).
+PREFILL_STEP_TOKENS = 64
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
 
@@ -122,6 +127,11 @@ class ModelRunner:
         )
         self.input_batch = InputBatch(config.max_num_seqs, self.max_model_len, config.block_size)
         self.compiled = config.compile and self.device.type == "cpu"
+        # Seconds per computed token of recent steps of at least PREFILL_STEP_TOKENS tokens (prefill-heavy: the
+        # marginal cost of a prompt token here), an exponential average; 0.0 until such a step ran. The request
+        # router weighs a prefix-cache hit by it (how long recomputing the prefix would take). NOTE: on CUDA the
+        # forward is asynchronous, so this times its launches only.
+        self.prefill_seconds_per_token = 0.0
         if self.compiled:
             compilation.compile_layers(self.model)
             seconds = compilation.warm_up(self.model, self.device, self.key_caches[0])
@@ -150,10 +160,19 @@ class ModelRunner:
             )
         return int(num_blocks)
 
-    @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelOutput:
         """Run one step; returns logits `[R, vocab]`, one row per scheduled sequence that samples, in order, and
         the logits of the prompt positions whose logprobs were asked for."""
+        started = time.perf_counter()
+        model_output = self._forward(output)
+        if output.num_batched_tokens >= PREFILL_STEP_TOKENS:
+            per_token = (time.perf_counter() - started) / output.num_batched_tokens
+            previous = self.prefill_seconds_per_token
+            self.prefill_seconds_per_token = per_token if previous == 0.0 else 0.8 * previous + 0.2 * per_token
+        return model_output
+
+    @torch.inference_mode()
+    def _forward(self, output: SchedulerOutput) -> ModelOutput:
         if self.device.type == "cpu":
             # NOTE: tiny activations (e.g. squared in RMSNorm) become denormals, which x86 handles in microcode:
             # elementwise ops ran 100x slower. The flag is per thread, and steps may run on any thread.

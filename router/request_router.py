@@ -213,21 +213,21 @@ def _worth_waiting_for(
     saved_blocks = holder.prefix_blocks - max((r.prefix_blocks for r in others), default=0)
     if saved_blocks < policy.min_wait_blocks:
         return False
-    saved_s = saved_blocks * _prefill_s_per_block(replicas, policy)
+    measured_s = _measured_prefill_s_per_block(replicas)
+    saved_s = saved_blocks * (measured_s if measured_s is not None else policy.wait_per_block_s)
     if all(_is_saturated(r) for r in others):
         # Elsewhere it would queue too, and then prefill those blocks again: it waits for as long as that prefill
         # would take (then takes whichever slot frees first; waiting up to the cost of giving up is never worse than
         # twice the better choice), or without bound where no replica measured its prefill yet.
-        measured = any(r.stats is not None and r.stats.prefill_seconds_per_token > 0 for r in replicas)
-        return not measured or queued_s is None or queued_s < saved_s
+        return measured_s is None or queued_s is None or queued_s < saved_s
     return waited_s < min(policy.max_affinity_wait_s, saved_s)
 
 
-def _prefill_s_per_block(replicas: list[ReplicaView], policy: RoutingPolicy) -> float:
-    """How long prefilling one block takes: the replicas' measured prefill cost (their mean), else the policy's."""
+def _measured_prefill_s_per_block(replicas: list[ReplicaView]) -> float | None:
+    """How long prefilling one block takes by the replicas' measured prefill cost (their mean); None if unmeasured."""
     measured = [r.stats.prefill_seconds_per_token * r.stats.block_size for r in replicas
                 if r.stats is not None and r.stats.prefill_seconds_per_token > 0]  # fmt: skip
-    return sum(measured) / len(measured) if measured else policy.wait_per_block_s
+    return sum(measured) / len(measured) if measured else None
 
 
 def _queue_length(replica: ReplicaView) -> int:

@@ -119,14 +119,16 @@ class RotaryEmbedding(nn.Module):
         return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling():  # a compiled layer gathers them itself (no Python state in the graph)
-            return self.cos_cache[positions].to(dtype)[:, None, :], self.sin_cache[positions].to(dtype)[:, None, :]
+        # A compiled layer gathers them itself: no Python state in the graph.
+        compiling = torch.compiler.is_compiling()
         rows = self._rows
-        if rows is None or rows[0] is not positions or rows[1] != dtype:
-            cos = self.cos_cache[positions].to(dtype)[:, None, :]
-            sin = self.sin_cache[positions].to(dtype)[:, None, :]
-            rows = self._rows = (positions, dtype, cos, sin)
-        return rows[2], rows[3]
+        if not compiling and rows is not None and rows[0] is positions and rows[1] == dtype:
+            return rows[2], rows[3]
+        cos = self.cos_cache[positions].to(dtype)[:, None, :]
+        sin = self.sin_cache[positions].to(dtype)[:, None, :]
+        if not compiling:
+            self._rows = (positions, dtype, cos, sin)
+        return cos, sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ def test_preemption_under_priority_policy_leaves_outputs_unchanged(tiny_llama_di
 def test_the_engine_measures_its_prefill_cost_per_token_on_prefill_heavy_steps(tiny_llama_dir: Path) -> None:
     """The router weighs prefix hits by it: 0 until a step of at least PREFILL_STEP_TOKENS tokens ran."""
     from replicas import SamplingParams
-    from replicas.engine import PREFILL_STEP_TOKENS
+    from replicas.model_runner import PREFILL_STEP_TOKENS
 
     engine = make_engine(tiny_llama_dir)
     engine.add_request("short", random_prompts(1, 8, 8, seed=1)[0], SamplingParams(max_tokens=2, temperature=0.0))
