@@ -327,8 +327,8 @@ def main() -> None:
         results["engine_fp32"] = {"gemm_peak_gflops": fp32_peak / 1e9, **fp32}
         print(f"fp32 engine: {fp32['tok_s']:.1f} tok/s = {fp32['fraction_of_gemm_peak']:.0%} of the measured fp32 "
               f"GEMM peak ({fp32_peak / 1e9:.1f} GFLOP/s); bf16 / fp32 {engine_tok_s / fp32['tok_s']:.2f}x; greedy "
-              f"agreement of bf16 with fp32: {fp32['tokens_before_divergence']:.1%} of tokens before the first difference, "
-              f"{fp32['identical_outputs']:.1%} of outputs identical")  # fmt: skip
+              f"agreement of bf16 with fp32: {fp32['tokens_before_divergence']:.1%} of tokens before the first "
+              f"difference, {fp32['identical_outputs']:.1%} of outputs identical")  # fmt: skip
     if args.prepack_ab:
         packed_first = llm.engine.config.prepack_weights  # the default: the engine above ran prepacked
         flipped = run_variant(args, workload, reference, flops, peak, prepack_weights=not packed_first)
