@@ -305,7 +305,8 @@ class KVAwareRequestRouter(RequestRouter):
         )  # fmt: skip
         holder = hold_replica(views, self._policy, waited_s, queued_s)
         if _TRACE is not None:
-            _trace("rank", key=key, blocks=len(request_hashes), queued_s=queued_s, older_waiting=num_older_waiting,
+            _trace("rank", key=key, blocks=len(request_hashes), queued_s=queued_s, waited_s=waited_s,
+                   older_waiting=num_older_waiting, held_for=holder.replica_id if holder is not None else None,
                    ranks=ranks, views=[_trace_view(view) for view in views])  # fmt: skip
         if key is not None:  # why each replica was offered, counted once Serve has placed the request
             predicted = {view.replica_id: view.prefix_blocks * self._block_size for view in views}
@@ -502,4 +503,5 @@ def _trace_view(view: ReplicaView) -> dict[str, Any]:
         "id": view.replica_id, "ongoing": view.num_ongoing, "prefix_blocks": view.prefix_blocks,
         "held": view.num_held, "held_ahead": view.num_held_ahead, "routed_since_report": view.routed_since_report,
         "waiting": stats.num_waiting if stats else None, "free_blocks": stats.num_free_blocks if stats else None,
+        "prefill_s_per_token": stats.prefill_seconds_per_token if stats else None,
     }  # fmt: skip
