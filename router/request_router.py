@@ -14,6 +14,7 @@ Signals, freshest first:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -251,7 +252,10 @@ class KVAwareRequestRouter(RequestRouter):
         max_affinity_wait_s: float = RoutingPolicy.max_affinity_wait_s,
         max_held_for_affinity: int = RoutingPolicy.max_held_for_affinity,
         max_hold_s: float | None = RoutingPolicy.max_hold_s,
+        slot_wait_s: float = 0.2,
     ) -> None:
+        self._slot_wait_s = slot_wait_s  # see `choose_replicas`; 0: no wait, Serve's backoff alone paces the asks
+        self._slot_waiters: set[asyncio.Future[None]] = set()  # requests waiting in `choose_replicas` for a slot
         self._stats_stale_after_s = stats_stale_after_s
         self._recent_route_ttl_s = recent_route_ttl_s
         self._max_recent_routes = max_recent_routes
@@ -281,6 +285,54 @@ class KVAwareRequestRouter(RequestRouter):
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        """The ranks `_rank` gives; when none of them has a free slot, after waiting up to `slot_wait_s` for one to
+        free (a request completing through this router), ranking again each time one does.
+
+        Serve's own wait between asks is a backoff of up to `max_backoff_s` (0.2 s here): a slot that frees just
+        after an ask stays idle that long, and a held request learns late that its replica has room. Waiting here
+        for the completion itself hands the slot over within milliseconds; the backoff is then skipped (this wait
+        was it). Completions through other callers (several ingress replicas) are not seen: the wait times out.
+        """
+        ranks = self._rank(candidate_replicas, pending_request)
+        if pending_request is None or self._slot_wait_s <= 0:
+            return ranks
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._slot_wait_s
+        waited = False
+        while not any(self._has_free_slot(replica) for rank in ranks for replica in rank):
+            # A held request re-ranks often: its hold ends at a bound (a prefill's time) that no event marks.
+            held = self._waiting.get(_request_key(pending_request))
+            timeout = min(deadline - loop.time(), _HELD_RERANK_S if held and held.held_for else self._slot_wait_s)
+            if timeout <= 0:
+                break
+            waited = True
+            slot_freed = loop.create_future()
+            self._slot_waiters.add(slot_freed)
+            try:
+                await asyncio.wait({slot_freed}, timeout=timeout)
+            finally:
+                self._slot_waiters.discard(slot_freed)
+            await asyncio.sleep(0)  # Serve's queue-length update for the completion runs first
+            ranks = self._rank(candidate_replicas, pending_request)
+        if waited:
+            pending_request.routing_context.should_backoff = False
+        return ranks
+
+    def _has_free_slot(self, replica: RunningReplica) -> bool:
+        ongoing = self._replica_queue_len_cache.get(replica.replica_id)
+        return ongoing is None or ongoing < replica.max_ongoing_requests  # unknown: Serve probes it
+
+    def _wake_slot_waiters(self) -> None:
+        for slot_freed in list(self._slot_waiters):  # (update_replicas may come from another thread)
+            slot_freed.get_loop().call_soon_threadsafe(_set_if_pending, slot_freed)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self._wake_slot_waiters()
+
+    def _rank(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
     ) -> list[list[RunningReplica]]:
         request_hashes = _request_hashes(pending_request)
         if pending_request is not None:
@@ -381,6 +433,7 @@ class KVAwareRequestRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
+        self._wake_slot_waiters()  # a new replica has free slots
         live = {replica.replica_id.unique_id for replica in replicas}
         for table in (self._recent_routes, self._routed_since_report, self._reports):
             for unique_id in [unique_id for unique_id in table if unique_id not in live]:
@@ -471,7 +524,13 @@ class _WaitingRequest(NamedTuple):
     future: Any  # Serve's future for its placement: done once placed, or cancelled (None when unknown)
 
 
+_HELD_RERANK_S = 0.05  # how often a request held for its prefix's holder is ranked again while it waits for a slot
 _WAITING_FRESH_S = 2.0  # Serve asks again about a request it could not place at least every 0.2 s (max_backoff_s)
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _request_key(pending_request: PendingRequest) -> str:

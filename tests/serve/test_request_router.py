@@ -438,3 +438,80 @@ def test_a_waiting_request_its_caller_gave_up_on_holds_up_no_one() -> None:
     assert asyncio.run(router.choose_replicas(replicas, newcomer)) == []
     older.future.cancel()  # the client went away: Serve cancels its placement
     assert [[r.name for r in rank] for rank in asyncio.run(router.choose_replicas(replicas, newcomer))] == [["a"]]
+
+
+# --- waiting in the router for a slot, instead of Serve's backoff between asks -----------------------------------
+
+
+def test_a_request_finding_every_replica_full_gets_the_slot_a_completion_frees_without_a_backoff() -> None:
+    lengths = {"a": 8, "b": 8}
+    router = make_router(queue_lengths=lengths, slot_wait_s=60.0)  # the completion, not the timeout, must end it
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats())]
+    pending = FakePendingRequest({"prefix_hashes": HASHES})
+
+    async def scenario() -> list[list[str]]:
+        choosing = asyncio.create_task(router.choose_replicas(replicas, pending))
+        await asyncio.sleep(0.05)
+        assert not choosing.done()  # every replica is full: it waits in the router
+        lengths["b"] = 7  # Serve's queue-length cache as a request on b completes ...
+        router.on_request_completed(FakeReplicaID("b"), "done-request")  # ... and the router hears of it
+        ranks = await asyncio.wait_for(choosing, timeout=10.0)
+        return [[replica.name for replica in rank] for rank in ranks]
+
+    assert asyncio.run(scenario())[0] == ["b"]
+    assert pending.routing_context.should_backoff is False  # its wait was the backoff: Serve sends at once
+
+
+def test_a_completion_that_frees_nothing_it_may_take_leaves_the_request_waiting_until_slot_wait_s() -> None:
+    lengths = {"a": 8, "b": 8}
+    router = make_router(queue_lengths=lengths, slot_wait_s=0.3)
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats())]
+    pending = FakePendingRequest({"prefix_hashes": HASHES})
+
+    async def scenario() -> list[list[str]]:
+        choosing = asyncio.create_task(router.choose_replicas(replicas, pending))
+        await asyncio.sleep(0.05)
+        router.on_request_completed(FakeReplicaID("a"), "done-request")  # another request took the slot already
+        await asyncio.sleep(0.05)
+        assert not choosing.done()  # ranked again, still full: it goes on waiting
+        return [[replica.name for replica in rank] for rank in await asyncio.wait_for(choosing, timeout=10.0)]
+
+    started = time.monotonic()
+    ranks = asyncio.run(scenario())
+    assert time.monotonic() - started >= 0.3  # until the bound, then Serve tries the (full) ranks and asks again
+    assert sorted(name for rank in ranks for name in rank) == ["a", "b"]
+    assert pending.routing_context.should_backoff is False
+    assert not router._slot_waiters  # nothing left registered
+
+
+def test_a_request_with_a_free_slot_among_its_ranks_does_not_wait() -> None:
+    router = make_router(queue_lengths={"a": 8, "b": 3}, slot_wait_s=60.0)
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", stats())]
+    pending = FakePendingRequest({"prefix_hashes": HASHES})
+    ranks = asyncio.run(asyncio.wait_for(router.choose_replicas(replicas, pending), timeout=10.0))
+    assert [replica.name for replica in ranks[0]] == ["b"]
+    assert pending.routing_context.should_backoff is True  # a refusal (stale cache) backs off as before
+
+
+def test_a_request_held_for_its_prefix_holder_is_ranked_again_while_it_waits_and_released_at_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hold ends at a time no completion marks: the held request is re-ranked every few tens of milliseconds."""
+    clock = FakeClock()
+    monkeypatch.setattr("router.request_router.time", clock)
+    lengths = {"a": 0, "b": 8}
+    router = make_router(queue_lengths=lengths, min_wait_blocks=4, max_affinity_wait_s=1.0, slot_wait_s=60.0)
+    replicas = [FakeReplica("a", stats(age_s=0.0)), FakeReplica("b", stats(hashes=HASHES))]
+    for replica in replicas:
+        replica.routing_stats = {**replica.routing_stats, "timestamp": clock.now}
+    pending = FakePendingRequest({"prefix_hashes": HASHES})
+
+    async def scenario() -> list[str]:
+        choosing = asyncio.create_task(router.choose_replicas(replicas, pending))
+        await asyncio.sleep(0.2)
+        assert not choosing.done()  # held for b (a's free slot passed up) ...
+        clock.now += 1.1  # ... until the hold's bound passes, which no completion marks
+        ranks = await asyncio.wait_for(choosing, timeout=10.0)
+        return [replica.name for replica in ranks[0]]
+
+    assert asyncio.run(scenario()) == ["a"]
