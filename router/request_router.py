@@ -68,6 +68,7 @@ class RoutingPolicy:
     max_affinity_wait_s: float = 3.0
     max_held_for_affinity: int = 4
     max_hold_s: float | None = None  # no hold once the request has been queued this long (None: no such bound)
+    hold_prefill_share: float = 1.0  # holds last at most this share of the saved prefill's time
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
@@ -216,11 +217,17 @@ def _worth_waiting_for(
         return False
     measured_s = _measured_prefill_s_per_block(replicas)
     saved_s = saved_blocks * (measured_s if measured_s is not None else policy.wait_per_block_s)
+    saved_s *= policy.hold_prefill_share
+    if measured_s is not None and queued_s is not None and queued_s >= saved_s:
+        # Queued as long as the prefill it would save: no more holds, however the wait was spent. (Bounding only
+        # each stretch with a free slot elsewhere let a request held while all were saturated pass up every slot
+        # that freed elsewhere for another stretch: 3 s queued, the oldest request, for a 0.2-s prefill.)
+        return False
     if all(_is_saturated(r) for r in others):
         # Elsewhere it would queue too, and then prefill those blocks again: it waits for as long as that prefill
         # would take (then takes whichever slot frees first; waiting up to the cost of giving up is never worse than
         # twice the better choice), or without bound where no replica measured its prefill yet.
-        return measured_s is None or queued_s is None or queued_s < saved_s
+        return True
     return waited_s < min(policy.max_affinity_wait_s, saved_s)
 
 
@@ -253,6 +260,7 @@ class KVAwareRequestRouter(RequestRouter):
         max_held_for_affinity: int = RoutingPolicy.max_held_for_affinity,
         max_hold_s: float | None = RoutingPolicy.max_hold_s,
         slot_wait_s: float = 0.2,
+        hold_prefill_share: float = RoutingPolicy.hold_prefill_share,
     ) -> None:
         self._slot_wait_s = slot_wait_s  # see `choose_replicas`; 0: no wait, Serve's backoff alone paces the asks
         self._slot_waiters: set[asyncio.Future[None]] = set()  # requests waiting in `choose_replicas` for a slot
@@ -261,7 +269,7 @@ class KVAwareRequestRouter(RequestRouter):
         self._max_recent_routes = max_recent_routes
         self._policy = RoutingPolicy(
             min_match_blocks, max_waiting_for_affinity, max_imbalance, min_wait_blocks, wait_per_block_s,
-            max_affinity_wait_s, max_held_for_affinity, max_hold_s,
+            max_affinity_wait_s, max_held_for_affinity, max_hold_s, hold_prefill_share,
         )
         # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
         self._recent_routes: dict[str, OrderedDict[str, float]] = {}

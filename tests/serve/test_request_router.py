@@ -111,6 +111,10 @@ def test_holds_are_bounded_by_the_prefill_time_the_replicas_measured() -> None:
     free_a = [measured("a", prefix_blocks=1), busy[1]]
     assert rank_replicas(free_a, 11, policy, waited_s=0.1) == [(["b"], "prefix_hit")]
     assert first_choice(rank_ids(free_a, 11, policy, waited_s=0.2)) == ["a"]  # 3 s with the unmeasured 0.3 s a block
+    # Its budget is the time since it was queued, however spent: having waited out 0.16 s while every replica was
+    # saturated, it is not held again for a fresh stretch when a slot frees elsewhere.
+    assert first_choice(rank_ids(free_a, 11, policy, waited_s=0.0, queued_s=0.2)) == ["a"]
+    assert rank_replicas(free_a, 11, policy, waited_s=0.0, queued_s=0.1) == [(["b"], "prefix_hit")]
 
 
 def test_a_replica_with_requests_held_for_it_is_left_to_them_while_saturated() -> None:
