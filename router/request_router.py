@@ -55,12 +55,13 @@ class RoutingPolicy:
     max_waiting_for_affinity: int = 8  # a replica with more waiting requests is overloaded for affinity
     max_imbalance: int = 4  # ... and so is one with this many more ongoing requests than the least loaded
     # A request whose prefix one replica holds at least `min_wait_blocks` deeper than any other waits for that
-    # replica while it is saturated, for as long as prefilling those blocks elsewhere would take: counted from when
-    # it was queued while every other replica is saturated too (going elsewhere would queue as well, then pay the
-    # prefill), and once another has a free slot, for as long as that slot stays free, at most
-    # `max_affinity_wait_s`. The prefill time is what the replicas measure (`RoutingStats.prefill_seconds_per_token`);
-    # before any has, `wait_per_block_s` a block (16 tokens of a 135M model on one busy EPYC thread) and no bound
-    # while all are saturated. At most `max_held_for_affinity` requests wait for one replica at a time.
+    # replica while it is saturated, for as long as prefilling those blocks elsewhere would take, counted from when
+    # it was queued however the wait was spent (while every other replica is saturated too, going elsewhere would
+    # queue as well, then pay the prefill), and once another has a free slot, only while that slot stays free, at
+    # most `max_affinity_wait_s`. The prefill time is what the replicas measure
+    # (`RoutingStats.prefill_seconds_per_token`); before any has, `wait_per_block_s` a block (16 tokens of a 135M
+    # model on one busy EPYC thread) and no bound while all are saturated. At most `max_held_for_affinity`
+    # requests wait for one replica at a time.
     # (bench.routing --quick: 2 blocks at 0.3 s raised the hit rate from 63% to 66% over 4 blocks at 0.1 s, with
     # TTFT p99 no worse.)
     min_wait_blocks: int = 2
@@ -68,7 +69,10 @@ class RoutingPolicy:
     max_affinity_wait_s: float = 3.0
     max_held_for_affinity: int = 4
     max_hold_s: float | None = None  # no hold once the request has been queued this long (None: no such bound)
-    hold_prefill_share: float = 1.0  # holds last at most this share of the saved prefill's time
+    # Holds last at most this share of the saved prefill's time (bench.routing, before the one-budget fix, 4 runs
+    # pooled: 0.5 gave TTFT p99 0.92 s against 1.03 s for 1.0 at 2 replicas, within run-to-run noise, and no change
+    # at 4; 1.0 is the ski-rental bound).
+    hold_prefill_share: float = 1.0
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
