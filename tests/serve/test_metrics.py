@@ -17,7 +17,7 @@ import pytest
 from deploy.grafana.dashboard import expand, load_dashboard, metric_names, panel_queries, panels
 from deploy.grafana.snapshot import render_snapshot
 from replicas.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
-from router.request_router import ReplicaView, rank_replicas
+from router.routing_policy import ReplicaView, rank_replicas
 from tests.serve.test_request_router import report
 from tests.serve.conftest import ServedApp, run, wait_until
 from tests.serve.prometheus_server import PrometheusClient, running_prometheus

@@ -13,14 +13,8 @@ from typing import Any
 import pytest
 
 from replicas.contract import RoutingStats, prefix_block_hashes
-from router.request_router import (
-    KVAwareRequestRouter,
-    ReplicaView,
-    RoutingPolicy,
-    hold_replica,
-    matched_blocks,
-    rank_replicas,
-)
+from router.request_router import KVAwareRequestRouter
+from router.routing_policy import ReplicaView, RoutingPolicy, hold_replica, matched_blocks, rank_replicas
 
 HASHES = prefix_block_hashes(list(range(100, 100 + 16 * 6)), block_size=16, max_blocks=256)  # six chained hashes
 
