@@ -50,7 +50,6 @@ class KVAwareRequestRouter(RequestRouter):
         max_held_for_affinity: int = RoutingPolicy.max_held_for_affinity,
         max_hold_s: float | None = RoutingPolicy.max_hold_s,
         slot_wait_s: float = 0.2,
-        hold_prefill_share: float = RoutingPolicy.hold_prefill_share,
     ) -> None:
         self._slot_wait_s = slot_wait_s  # see `choose_replicas`; 0: no wait, Serve's backoff alone paces the asks
         self._slot_waiters: set[asyncio.Future[None]] = set()  # requests waiting in `choose_replicas` for a slot
@@ -59,7 +58,7 @@ class KVAwareRequestRouter(RequestRouter):
         self._max_recent_routes = max_recent_routes
         self._policy = RoutingPolicy(
             min_match_blocks, max_waiting_for_affinity, max_imbalance, min_wait_blocks, wait_per_block_s,
-            max_affinity_wait_s, max_held_for_affinity, max_hold_s, hold_prefill_share,
+            max_affinity_wait_s, max_held_for_affinity, max_hold_s,
         )
         # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
         self._recent_routes: dict[str, OrderedDict[str, float]] = {}

@@ -53,10 +53,6 @@ class RoutingPolicy:
     max_affinity_wait_s: float = 3.0
     max_held_for_affinity: int = 4
     max_hold_s: float | None = None  # no hold once the request has been queued this long (None: no such bound)
-    # Holds last at most this share of the saved prefill's time (bench.routing, before the one-budget fix, 4 runs
-    # pooled: 0.5 gave TTFT p99 0.92 s against 1.03 s for 1.0 at 2 replicas, within run-to-run noise, and no change
-    # at 4; 1.0 is the ski-rental bound).
-    hold_prefill_share: float = 1.0
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
@@ -205,7 +201,6 @@ def _worth_waiting_for(
         return False
     measured_s = _measured_prefill_s_per_block(replicas)
     saved_s = saved_blocks * (measured_s if measured_s is not None else policy.wait_per_block_s)
-    saved_s *= policy.hold_prefill_share
     if measured_s is not None and queued_s is not None and queued_s >= saved_s:
         # Queued as long as the prefill it would save: no more holds, however the wait was spent. (Bounding only
         # each stretch with a free slot elsewhere let a request held while all were saturated pass up every slot
