@@ -30,6 +30,7 @@ from bench.machine import cpu_flags, cpu_model
 from replicas import LLM, LLMEngine, SamplingParams
 from replicas.model_runner import cpu_has_bf16_compute
 from replicas.default_model import DEFAULT_MODEL_DIR
+from replicas.models.layers import bind_cpu_ops
 from replicas.models.packed_linear import PackedLinear
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -224,6 +225,36 @@ def measure_decode(llm: LLM, batch_size: int, prompt_len: int, num_steps: int, p
     }
 
 
+def fused_ab(llm: LLM, workload: list[Request], reference: list[list[int]], flops: float,
+             peak: float) -> dict[str, object]:  # fmt: skip
+    """The mixed workload on the same engine with the fused elementwise ops unbound (eager ATen norms, RoPE and
+    SiLU·mul) and bound again, alternately (2 runs each): tok/s of each, their ratio, greedy agreement of eager."""
+    runner = llm.engine.model_runner
+    ops = getattr(runner.backend, "ops", None)
+    if ops is None or runner.compiled:
+        print("fused A/B: needs the cpu_fused backend, eager (nothing to compare)")
+        return {}
+    tok_s: dict[bool, list[float]] = {True: [], False: []}
+    eager_outputs: list[list[int]] = []
+    try:
+        for _ in range(2):
+            for fused in (False, True):
+                bind_cpu_ops(runner.model, ops if fused else None)
+                tokens, elapsed, _ = run_engine(llm, workload, None if fused else eager_outputs)
+                tok_s[fused].append(tokens / elapsed)
+    finally:
+        bind_cpu_ops(runner.model, ops)
+    agreement = greedy_agreement(reference, eager_outputs[: len(workload)])
+    fused_tok_s, eager_tok_s = max(tok_s[True]), max(tok_s[False])
+    output_tokens = sum(r.max_tokens for r in workload)
+    print(f"fused elementwise A/B on the mixed workload (best of 2, interleaved): fused {fused_tok_s:.1f} tok/s = "
+          f"{flops * fused_tok_s / output_tokens / peak:.0%} of the GEMM peak, eager ATen ops {eager_tok_s:.1f} tok/s = "
+          f"{flops * eager_tok_s / output_tokens / peak:.0%}; fused / eager {fused_tok_s / eager_tok_s:.3f}; greedy "
+          f"outputs identical {agreement['identical_outputs']:.1%}")  # fmt: skip
+    return {"fused_tok_s": tok_s[True], "eager_tok_s": tok_s[False], "ratio": fused_tok_s / eager_tok_s,
+            **agreement}  # fmt: skip
+
+
 def compile_ab(args: argparse.Namespace, llm: LLM, workload: list[Request], reference: list[list[int]],
                flops: float, peak: float) -> dict[str, object]:  # fmt: skip
     """The mixed workload with `compile` flipped, run alternately with the first engine (2 runs each), so a loaded
@@ -273,6 +304,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and compute of the engine and HF (pinned, not `auto`: the figures compare with "
                              "HF); bfloat16 prints %% of a bf16 GEMM peak")
+    parser.add_argument("--fused-ab", action="store_true",
+                        help="also run the mixed workload with the fused elementwise ops off and on, interleaved")
     parser.add_argument("--compile-ab", action="store_true",
                         help="also run the mixed workload with EngineConfig.compile flipped, interleaved twice: the "
                              "tok/s ratio and greedy agreement")
@@ -337,6 +370,8 @@ def main() -> None:
         print(f"{'plain' if packed_first else 'prepacked (oneDNN)'} weights: {flipped['tok_s']:.1f} tok/s = "
               f"{flipped['fraction_of_gemm_peak']:.0%} of the GEMM peak; packed / plain {ratio:.2f}x; "
               f"{flipped['identical_outputs']:.1%} of outputs identical")  # fmt: skip
+    if args.fused_ab:
+        results["fused_ab"] = fused_ab(llm, workload, reference, flops, peak)
     if args.compile_ab:
         results["compile_ab"] = compile_ab(args, llm, workload, reference, flops, peak)
     if args.kv_cache_dtype:

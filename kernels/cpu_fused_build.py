@@ -1,4 +1,5 @@
-"""Builds and loads the fused CPU paged-attention extension (`kernels/csrc/paged_attention_cpu.cpp`).
+"""Builds and loads the fused CPU extension (`kernels/csrc/`): paged attention and the decoder layers' fused
+elementwise ops, one library.
 
     python -m kernels.cpu_fused_build            # what `make setup` runs: compile once, cached
     python -m kernels.cpu_fused_build --variant scalar
@@ -27,7 +28,9 @@ from kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention_cpu.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "paged_attention_cpu.cpp", CSRC / "elementwise_cpu.cpp")
+HEADERS = (CSRC / "cpu_vec.h",)
 BUILD_ROOT = Path(__file__).resolve().parent.parent / "build" / "torch_extensions"
 
 
@@ -74,7 +77,9 @@ def _cpu_flags() -> str:
 
 
 def fingerprint(variant: Variant) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
     digest.update(json.dumps([_cflags(variant), torch.__version__, _cpu_flags()]).encode())
     return digest.hexdigest()
 
@@ -115,7 +120,7 @@ def build(variant: str = "native", verbose: bool = False) -> Path:
         try:
             cpp_extension.load(
                 name=spec.name,
-                sources=[str(SOURCE)],
+                sources=[str(path) for path in SOURCES],
                 extra_cflags=_cflags(spec),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
@@ -123,7 +128,7 @@ def build(variant: str = "native", verbose: bool = False) -> Path:
                 verbose=verbose,
             )
         except Exception as error:  # compiler missing, compile error, linker error...
-            raise CpuFusedBuildError(f"building {SOURCE.name} ({variant}) failed: {error}") from error
+            raise CpuFusedBuildError(f"building {CSRC}/ ({variant}) failed: {error}") from error
         _loaded.add(spec.namespace)
         _stamp_path(spec).write_text(json.dumps({"fingerprint": fingerprint(spec), "torch": torch.__version__}))
     logger.info("built %s (%s) in %.1f s", spec.name, variant, time.perf_counter() - start)

@@ -15,7 +15,7 @@ from replicas import compilation
 from replicas.config import EngineConfig, EngineConfigError
 from replicas.input_batch import InputBatch, PromptLogitsSpan, StepInputs
 from replicas.models import load_model
-from replicas.models.layers import AttentionMetadata
+from replicas.models.layers import AttentionMetadata, bind_cpu_ops
 from replicas.models.packed_linear import can_prepack, prepack_linears
 from replicas.scheduler import SchedulerOutput
 
@@ -96,6 +96,9 @@ class ModelRunner:
         if config.prepack_weights and not config.compile and can_prepack(self.device, self.dtype):
             prepack_linears(self.model)
         self.backend = kernels.load_backend(config.attention_backend, self.device)
+        if self.backend.name == "cpu_fused" and not config.compile:
+            # The norms, RoPE and SiLU·mul as the extension's fused loops (compiled layers fuse them themselves).
+            bind_cpu_ops(self.model, self.backend.ops)
         self.kv_dtype = self.dtype if config.kv_cache_dtype == "auto" else _DTYPES[config.kv_cache_dtype]
         if self.kv_dtype != self.dtype and self.backend.name != "cpu_fused":
             raise EngineConfigError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +77,31 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.cpu_ops: Any = None  # the fused CPU extension's ops (`bind_cpu_ops`); None: eager ATen ops
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        ops = fused_cpu_ops(self.cpu_ops, hidden, self.weight)
+        if ops is not None:
+            out = torch.empty_like(hidden)
+            ops.rms_norm(hidden, self.weight, self.eps, out)
+            return out
         # Same operation order as transformers, so greedy outputs match token for token.
         dtype = hidden.dtype
         hidden = hidden.float()
         variance = hidden.pow(2).mean(-1, keepdim=True)
         hidden = hidden * torch.rsqrt(variance + self.eps)
         return self.weight * hidden.to(dtype)
+
+    def add_and_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(norm(residual + hidden), residual + hidden)`: the residual stream's add and the next norm in one pass
+        (the fused op updates `residual` in place)."""
+        ops = fused_cpu_ops(self.cpu_ops, hidden, residual, self.weight)
+        if ops is None:
+            residual = residual + hidden
+            return self(residual), residual
+        out = torch.empty_like(hidden)
+        ops.add_rms_norm(hidden, residual, self.weight, self.eps, out)
+        return out, residual
 
 
 class RotaryEmbedding(nn.Module):
@@ -111,11 +129,16 @@ class RotaryEmbedding(nn.Module):
         # (positions, dtype, cos rows, sin rows) of the latest step: every layer shares this module and gets the
         # same positions tensor, so the rows are gathered once per step, not once per layer (~1% of a decode step).
         self._rows: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+        self.cpu_ops: Any = None  # see RMSNorm
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._cos_sin(positions, query.dtype)
+        ops = fused_cpu_ops(self.cpu_ops, query, key)
+        if ops is not None:  # in place: query and key are views of this step's fresh q/k/v projection
+            ops.rotary(query, key, cos[:, 0], sin[:, 0])
+            return query, key
         return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +159,39 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, cpu_ops: Any = None) -> torch.Tensor:
+    ops = fused_cpu_ops(cpu_ops, gate_up)
+    if ops is not None:
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        ops.silu_and_mul(gate_up, out)
+        return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+_FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def fused_cpu_ops(ops: Any, *tensors: torch.Tensor) -> Any:
+    """`ops` if its fused kernels take these tensors (CPU, fp32 or bf16, rows contiguous), else None (eager ATen).
+    Never under `torch.compile`: Inductor fuses the eager chain itself."""
+    if ops is None or torch.compiler.is_compiling():
+        return None
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.dtype not in _FUSED_CPU_DTYPES or tensor.stride(-1) != 1:
+            return None
+    return ops
+
+
+def bind_cpu_ops(model: nn.Module, ops: Any) -> int:
+    """Point the model's norms, rotary embeddings and MLPs at the fused CPU extension's ops (None: back to eager
+    ATen); returns how many modules take them."""
+    bound = 0
+    for module in model.modules():
+        if hasattr(module, "cpu_ops"):
+            module.cpu_ops = ops
+            bound += 1
+    return bound
 
 
 class CheckpointParams:

@@ -24,6 +24,10 @@ def test_tiny_llama_batch_of_mixed_prompts_matches_transformers(tiny_llama_dir: 
     tokens, engine = generate_greedy(tiny_llama_dir, prompts, 24, attention_backend=backend, compile=compile)
     assert engine.model_runner.backend.name == backend
     assert engine.model_runner.compiled == compile
+    # The fused kernel's extension also runs the norms, RoPE and SiLU·mul, except under compile (Inductor fuses them).
+    fused_ops = engine.model_runner.backend.ops if backend == "cpu_fused" and not compile else None
+    assert engine.model_runner.model.norm.cpu_ops is fused_ops
+    assert engine.model_runner.model.layers[0].mlp.cpu_ops is fused_ops
     if compile:
         assert_greedy_matches_up_to_ties(tiny_llama_dir, prompts, tokens, expected)
     else:

@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from kernels.cpu_features import cpu_flags
+
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -44,3 +46,18 @@ def cpu_fused_backend():
     from kernels.cpu_fused_backend import CpuFusedAttentionBackend
 
     return CpuFusedAttentionBackend(compile_if_missing=True)
+
+
+@pytest.fixture(
+    scope="session",
+    params=["scalar", pytest.param("avx2", marks=pytest.mark.skipif(
+        "avx512f" not in cpu_flags(), reason="without AVX-512 the native build is the AVX2 path"))],
+)  # fmt: skip
+def other_build(request: pytest.FixtureRequest):
+    """Builds of the source the native one is not: the portable scalar path (no intrinsics, baseline ISA: what a
+    machine without AVX2 compiles) and, on an AVX-512 machine, the AVX2 path (what AVX2-only machines run)."""
+    from kernels.cpu_fused_backend import CpuFusedAttentionBackend
+
+    backend = CpuFusedAttentionBackend(variant=request.param, compile_if_missing=True)
+    assert backend.simd_path == request.param
+    return backend

@@ -17,7 +17,6 @@ from torch.utils.cpp_extension import include_paths
 
 import kernels
 from kernels import cpu_fused_build
-from kernels.cpu_features import cpu_flags
 
 from .paged_batches import BatchSpec, batch_specs, make_batch, reference_attention, relative_error
 from .test_attention_kernels import FP32_TOLERANCE, hypothesis_settings, run_cpu_fused
@@ -100,21 +99,6 @@ def test_rejects_mismatched_head_counts(cpu_fused_backend) -> None:
         cpu_fused_backend.paged_attention(batch.query[:, :3], *batch.attention_args()[1:])
 
 
-@pytest.fixture(
-    scope="module",
-    params=["scalar", pytest.param("avx2", marks=pytest.mark.skipif(
-        "avx512f" not in cpu_flags(), reason="without AVX-512 the native build is the AVX2 path"))],
-)  # fmt: skip
-def other_build(request: pytest.FixtureRequest):
-    """Builds of the source the native one is not: the portable scalar path (no intrinsics, baseline ISA: what a
-    machine without AVX2 compiles) and, on an AVX-512 machine, the AVX2 path (what AVX2-only machines run)."""
-    from kernels.cpu_fused_backend import CpuFusedAttentionBackend
-
-    backend = CpuFusedAttentionBackend(variant=request.param, compile_if_missing=True)
-    assert backend.simd_path == request.param
-    return backend
-
-
 @pytest.mark.slow
 @given(spec=fused_specs(max_seqs=6, max_seq_len=300), cache_dtype=st.sampled_from(CACHE_DTYPES))
 @hypothesis_settings(max_examples=25)
@@ -128,10 +112,11 @@ def test_avx512_path_compiles() -> None:
     """On a machine without AVX-512 the AVX-512 section must at least compile (an AVX2 intrinsic slipped into it
     once); AVX-512 machines run it."""
     includes = [arg for path in [*include_paths(), sysconfig.get_paths()["include"]] for arg in ("-isystem", path)]
-    command = ["g++", "-std=c++20", "-fsyntax-only", "-march=skylake-avx512", "-fopenmp", "-DPAGED_CPU_LIBRARY=avx512",
-               *includes, str(cpu_fused_build.SOURCE)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    for source in cpu_fused_build.SOURCES:
+        command = ["g++", "-std=c++20", "-fsyntax-only", "-march=skylake-avx512", "-fopenmp",
+                   "-DPAGED_CPU_LIBRARY=avx512", *includes, str(source)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{source.name}: {result.stderr[-2000:]}"
 
 
 def test_auto_picks_cpu_fused_on_cpu_when_built(cpu_fused_backend) -> None:
