@@ -57,14 +57,21 @@ class CpuFusedAttentionBackend:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of each new token over its sequence's cached and new K/V. Returns `[T, num_heads,
-        head_dim]` in the query's dtype (computed in fp32); `out`, if given (fp32), receives it and is returned."""
+        head_dim]` in the query's dtype (computed in fp32); `out`, if given (fp32, or bf16 for a bf16 query),
+        receives it and is returned."""
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be at least 1 (a token sees itself); got {sliding_window}")
         _check_cpu(query)
-        query32 = _row_contiguous(query.float())
-        result = out if out is not None else torch.empty(query.shape, dtype=torch.float32)
+        # A bf16 query goes in as it is (the kernel converts as it loads and stores), unless an fp32 `out` is given.
+        kernel_dtype = torch.bfloat16 if query.dtype == torch.bfloat16 else torch.float32
+        if out is not None:
+            kernel_dtype = out.dtype
+        if kernel_dtype not in (torch.float32, query.dtype):
+            raise ValueError(f"out must be float32 or the query's dtype ({query.dtype}), not {kernel_dtype}")
+        kernel_query = _row_contiguous(query.to(kernel_dtype))
+        result = out if out is not None else torch.empty(query.shape, dtype=kernel_dtype)
         self.ops.paged_attention(
-            query32,
+            kernel_query,
             key_cache,
             value_cache,
             query_start_loc.to(torch.int32).contiguous(),
@@ -74,7 +81,7 @@ class CpuFusedAttentionBackend:
             sliding_window or 0,
             result,
         )
-        return result if query.dtype == torch.float32 else result.to(query.dtype)
+        return result if result.dtype == query.dtype else result.to(query.dtype)
 
 
 def _row_contiguous(tensor: torch.Tensor) -> torch.Tensor:

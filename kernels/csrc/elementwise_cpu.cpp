@@ -169,7 +169,8 @@ void rotate_row(T* x, const T* cos, const T* sin, int dim) {
   for (; i + kWidth <= half; i += kWidth) {
     const Vec x1 = vload(x + i), x2 = vload(x + half + i);
     const Vec first = vsub(vround_as<T>(vmul(x1, vload(cos + i))), vround_as<T>(vmul(x2, vload(sin + i))));
-    const Vec second = vadd(vround_as<T>(vmul(x2, vload(cos + half + i))), vround_as<T>(vmul(x1, vload(sin + half + i))));
+    const Vec second =
+        vadd(vround_as<T>(vmul(x2, vload(cos + half + i))), vround_as<T>(vmul(x1, vload(sin + half + i))));
     vstore(x + i, first);
     vstore(x + half + i, second);
   }

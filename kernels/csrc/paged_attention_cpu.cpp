@@ -14,9 +14,9 @@
 // element type is a template parameter (float, BFloat16, Half), converted to fp32 as it is loaded.
 //
 // Ops (registered with the dispatcher, so they show by name in the torch profiler):
-//   paged_cpu::paged_attention(query fp32 [T,H,D], key_cache, value_cache [NB,BS,KVH,D], query_start_loc int32 [S+1],
-//                              seq_lens int32 [S], block_tables int32 [S,MB], scale, sliding_window (0: none),
-//                              out fp32 [T,H,D])
+//   paged_cpu::paged_attention(query fp32|bf16 [T,H,D], key_cache, value_cache [NB,BS,KVH,D],
+//                              query_start_loc int32 [S+1], seq_lens int32 [S], block_tables int32 [S,MB], scale,
+//                              sliding_window (0: none), out [T,H,D] in the query's dtype)
 //   paged_cpu::write_kv_cache(key, value [T,KVH,D] in the cache dtype, key_cache, value_cache, slot_mapping int64 [T])
 
 #include <ATen/ATen.h>
@@ -286,9 +286,10 @@ struct WorkItem {
   int64_t cost;  // keys visited x rows, to schedule the longest items first
 };
 
-template <typename KV>
+// KV: the cache's element type; Q: the query's and output's (float, or BFloat16 for a bf16 model).
+template <typename KV, typename Q>
 struct Problem {
-  const float* query;
+  const Q* query;
   int64_t query_stride_token, query_stride_head;
   const KV* key_cache;
   const KV* value_cache;
@@ -297,7 +298,7 @@ struct Problem {
   const int32_t* seq_lens;
   const int32_t* block_tables;
   int64_t block_table_stride;
-  float* out;
+  Q* out;
   int64_t out_stride_token, out_stride_head;
   int block_size, head_dim, group;
   float scale;
@@ -325,16 +326,16 @@ inline void prefetch_block(const KV* keys, const KV* values, int64_t elements) {
 }
 
 // Row r's slice of the span of the block `next` starts (none when span is 0).
-template <typename KV>
-inline void prefetch_slice(const Problem<KV>& p, int64_t next, int64_t slice, int64_t span, int r) {
+template <typename KV, typename Q>
+inline void prefetch_slice(const Problem<KV, Q>& p, int64_t next, int64_t slice, int64_t span, int r) {
   if (r * slice < span) {
     const int64_t offset = next + r * slice;
     prefetch_block(p.key_cache + offset, p.value_cache + offset, std::min(slice, span - r * slice));
   }
 }
 
-template <typename KV>
-void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
+template <typename KV, typename Q>
+void attend(const Problem<KV, Q>& p, const WorkItem& item, Scratch& scratch) {
   const int dim = p.head_dim, group = p.group, block_size = p.block_size, window = p.sliding_window;
   const int q_len = p.query_start_loc[item.seq + 1] - p.query_start_loc[item.seq];
   const int seq_len = p.seq_lens[item.seq];
@@ -353,9 +354,9 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   for (int r = 0; r < num_rows; ++r) {
     const int token = first_token_row + item.token_begin + r / heads;
     const int head = head_begin + r % heads;
-    const float* q = p.query + token * p.query_stride_token + head * p.query_stride_head;
+    const Q* q = p.query + token * p.query_stride_token + head * p.query_stride_head;
     float* dst = scratch.query.data() + static_cast<size_t>(r) * dim;
-    for (int d = 0; d < dim; ++d) dst[d] = q[d] * p.scale;
+    for (int d = 0; d < dim; ++d) dst[d] = static_cast<float>(q[d]) * p.scale;
   }
 
   // Keys the tile can see: from the first row's window start to the last row's own position.
@@ -423,10 +424,10 @@ void attend(const Problem<KV>& p, const WorkItem& item, Scratch& scratch) {
   for (int r = 0; r < num_rows; ++r) {
     const int token = first_token_row + item.token_begin + r / heads;
     const int head = head_begin + r % heads;
-    float* dst = p.out + token * p.out_stride_token + head * p.out_stride_head;
+    Q* dst = p.out + token * p.out_stride_token + head * p.out_stride_head;
     const float* acc = scratch.acc.data() + static_cast<size_t>(r) * dim;
     const float inverse = 1.0f / scratch.row_sum[r];  // every row sees at least its own key: row_sum >= 1
-    for (int d = 0; d < dim; ++d) dst[d] = acc[d] * inverse;
+    for (int d = 0; d < dim; ++d) dst[d] = static_cast<Q>(acc[d] * inverse);  // bf16: nearest even, as .to() does
   }
 }
 
@@ -459,8 +460,8 @@ std::vector<WorkItem> plan_work(const int32_t* query_start_loc, const int32_t* s
   return items;
 }
 
-template <typename KV>
-void run_attention(const Problem<KV>& problem, const std::vector<WorkItem>& items) {
+template <typename KV, typename Q>
+void run_attention(const Problem<KV, Q>& problem, const std::vector<WorkItem>& items) {
   const int64_t num_items = static_cast<int64_t>(items.size());
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_items));
   if (threads <= 1) {
@@ -485,7 +486,8 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
                      const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& block_tables,
                      double scale, int64_t sliding_window, const at::Tensor& out) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && key_cache.dim() == 4, "query/out are [T, H, D], caches [NB, BS, KVH, D]");
-  TORCH_CHECK(query.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "query and out must be float32");
+  TORCH_CHECK((query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16) &&
+                  out.scalar_type() == query.scalar_type(), "query and out must both be float32 or both bfloat16");
   TORCH_CHECK(query.device().is_cpu() && key_cache.device().is_cpu() && value_cache.device().is_cpu() &&
                   out.device().is_cpu(), "paged_cpu::paged_attention runs on CPU tensors");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && key_cache.stride(3) == 1 && value_cache.stride(3) == 1,
@@ -510,15 +512,24 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const
   // sets it on its own), and this keeps the kernel on the same threads as torch's own ops.
   const auto items = plan_work(query_start_loc.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), num_seqs,
                                num_kv_heads, group, static_cast<int>(sliding_window), at::get_num_threads());
-  auto run = [&](auto* key_ptr, auto* value_ptr) {
+  auto run_typed = [&](auto* key_ptr, auto* value_ptr, auto* query_tag) {
     using KV = std::remove_const_t<std::remove_pointer_t<decltype(key_ptr)>>;
-    Problem<KV> problem{query.data_ptr<float>(), query.stride(0), query.stride(1), key_ptr, value_ptr,
-                        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-                        query_start_loc.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
-                        block_tables.data_ptr<int32_t>(), block_tables.stride(0), out.data_ptr<float>(), out.stride(0),
-                        out.stride(1), static_cast<int>(key_cache.size(1)), head_dim, group,
-                        static_cast<float>(scale), static_cast<int>(sliding_window)};
+    using Q = std::remove_pointer_t<decltype(query_tag)>;
+    Problem<KV, Q> problem{query.data_ptr<Q>(), query.stride(0), query.stride(1), key_ptr, value_ptr,
+                           key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+                           query_start_loc.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                           block_tables.data_ptr<int32_t>(), block_tables.stride(0), out.data_ptr<Q>(), out.stride(0),
+                           out.stride(1), static_cast<int>(key_cache.size(1)), head_dim, group,
+                           static_cast<float>(scale), static_cast<int>(sliding_window)};
     run_attention(problem, items);
+  };
+  // A bf16 model's queries are read and its outputs written as bf16 here: no conversion passes around the call.
+  auto run = [&](auto* key_ptr, auto* value_ptr) {
+    if (query.scalar_type() == at::kBFloat16) {
+      run_typed(key_ptr, value_ptr, static_cast<at::BFloat16*>(nullptr));
+    } else {
+      run_typed(key_ptr, value_ptr, static_cast<float*>(nullptr));
+    }
   };
   switch (key_cache.scalar_type()) {
     case at::kFloat:

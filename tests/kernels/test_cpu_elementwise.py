@@ -102,8 +102,8 @@ def test_silu_and_mul_matches_float64_reference(cpu_fused_backend, rows: int, wi
     assert error.max().item() <= FP32_TOLERANCE
 
 
-@given(tokens=st.integers(1, 40), heads=st.sampled_from([(1, 1), (9, 3), (4, 4)]), head_dim=st.sampled_from([8, 64, 96]),
-       seed=st.integers(0, 2**16))  # fmt: skip
+@given(tokens=st.integers(1, 40), heads=st.sampled_from([(1, 1), (9, 3), (4, 4)]),
+       head_dim=st.sampled_from([8, 64, 96]), seed=st.integers(0, 2**16))  # fmt: skip
 @hypothesis_settings(max_examples=30)
 def test_rotary_rotates_query_and_key_in_place(cpu_fused_backend, tokens: int, heads: tuple[int, int], head_dim: int,
                                                seed: int) -> None:  # fmt: skip

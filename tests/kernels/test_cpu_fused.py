@@ -52,6 +52,20 @@ def test_16_bit_kv_cache_is_read_exactly_into_fp32(cpu_fused_backend, spec: Batc
     assert error <= FP32_TOLERANCE
 
 
+@given(spec=fused_specs(max_seqs=6, max_seq_len=300), cache_dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@hypothesis_settings(max_examples=20)
+def test_bf16_query_is_read_and_written_in_bf16_with_the_fp32_paths_result(cpu_fused_backend, spec: BatchSpec,
+                                                                           cache_dtype) -> None:  # fmt: skip
+    """A bf16 model's queries go into the kernel as bf16 and come out as bf16: the same bits as widening the query
+    to fp32, attending into an fp32 output and rounding that to bf16 (the path with conversion passes around it)."""
+    batch = make_batch(spec, cache_dtype=cache_dtype, query_dtype=torch.bfloat16)
+    direct = cpu_fused_backend.paged_attention(*batch.attention_args())
+    widened = torch.full(batch.query.shape, float("nan"), dtype=torch.float32)
+    through_fp32 = cpu_fused_backend.paged_attention(*batch.attention_args(), out=widened)
+    assert direct.dtype == torch.bfloat16 and torch.equal(direct, through_fp32)
+    assert torch.equal(through_fp32, widened.to(torch.bfloat16))
+
+
 def test_long_prefill_chunk_over_many_query_tiles(cpu_fused_backend) -> None:
     """A chunk far longer than a query tile, after a cached prefix, next to decodes, with GQA 3 (the default model)."""
     spec = BatchSpec(seqs=((1500, 700), (900, 1), (3, 1), (64, 64)), num_kv_heads=3, group=3, head_dim=64)
