@@ -14,6 +14,7 @@ from replicas.config import EngineConfig
 from replicas.contract import ModelInfo, RequestOutput, ResumeState, merge_deltas
 from replicas.engine import LLMEngine
 from replicas.intake import OutputKind
+from replicas.kv_transfer import PrefixKV
 from replicas.outputs import EngineStats
 from replicas.sampling_params import SamplingParams
 
@@ -41,6 +42,12 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Import:
+    token_ids: list[int]
+    prefix: PrefixKV
 
 
 _WAKE = object()
@@ -84,6 +91,14 @@ class AsyncEngine:
     def recent_prefix_hashes(self, limit: int) -> list[bytes]:
         """The most recently registered prefix-cache block hashes, oldest first (any thread)."""
         return self.engine.block_manager.recent_prefix_hashes(limit)
+
+    def export_prefix(self, token_ids: list[int], start_block: int, max_blocks: int) -> PrefixKV | None:
+        """`LLMEngine.export_prefix`, from any thread (it never waits for the engine thread)."""
+        return self.engine.export_prefix(token_ids, start_block, max_blocks)
+
+    def import_prefix(self, token_ids: list[int], prefix: PrefixKV) -> None:
+        """Queue `LLMEngine.import_prefix`: it runs before any request queued after this call is added."""
+        self._commands.put(_Import(token_ids, prefix))
 
     async def generate(
         self,
@@ -190,6 +205,12 @@ class AsyncEngine:
             if self.engine.abort(command.request_id):
                 self._stats = self.engine.stats()
             self._streams.pop(command.request_id, None)
+        elif isinstance(command, _Import):
+            try:
+                self.engine.import_prefix(command.token_ids, command.prefix)
+            except ValueError as error:  # a peer with another cache layout: its request computes the prefix
+                logger.warning("kv transfer: could not import a prefix: %s", error)
+            self._stats = self.engine.stats()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         self._send({output.request_id: output for output in outputs})

@@ -61,6 +61,7 @@ class BlockManager:
         self.num_live_slots = 0  # filled slots of referenced blocks, a shared block counted once
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
+        self.num_imported_blocks = 0  # blocks whose K/V came from another engine (`import_blocks`)
 
     @property
     def num_free_blocks(self) -> int:
@@ -85,8 +86,13 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
+        return self._match(self.block_hashes(seq), seq.token_ids)
+
+    def _match(self, block_hashes: list[bytes], token_ids: list[int]) -> list[int]:
+        """Registered blocks holding the leading run of these blocks (chained `block_hashes` of `token_ids`).
+        Only reads: from another thread it gives a snapshot (`still_held` says whether it still holds)."""
         matched: list[int] = []
-        for block_index, block_hash in enumerate(self.block_hashes(seq)):
+        for block_index, block_hash in enumerate(block_hashes):
             block_id = self.cached_block_ids.get(block_hash)
             if block_id is None:
                 break
@@ -95,10 +101,72 @@ class BlockManager:
             # NOTE: the hash only finds a candidate; tokens and the parent link decide, so a collision can cost a
             # cache miss but never serve another prefix's K/V.
             expected_parent = None if not matched else (matched[-1], self.blocks[matched[-1]].generation)
-            if block.parent != expected_parent or block.token_ids != tuple(seq.token_ids[start : start + self.block_size]):
+            if block.parent != expected_parent or block.token_ids != tuple(token_ids[start : start + self.block_size]):
                 break
             matched.append(block_id)
         return matched
+
+    # --- moving a prefix between engines (replicas/kv_transfer.py) --------------------------------------------
+
+    def cached_run(self, token_ids: list[int], max_blocks: int) -> list[tuple[int, int]]:
+        """(block id, generation) of the registered blocks holding `token_ids`' leading full blocks (at most
+        `max_blocks`). Safe from another thread; the blocks may be evicted meanwhile: check with `still_held`."""
+        if not self.enable_prefix_caching:
+            return []
+        hashes: list[bytes] = []
+        extend_block_hashes(hashes, token_ids, self.block_size, min(len(token_ids) // self.block_size, max_blocks))
+        blocks = self.blocks
+        return [(block_id, blocks[block_id].generation) for block_id in self._match(hashes, token_ids)]
+
+    def still_held(self, run: list[tuple[int, int]]) -> int:
+        """How many leading blocks of a `cached_run` still hold what they held then: a block's content is only
+        overwritten after it is taken again, which bumps its generation."""
+        for index, (block_id, generation) in enumerate(run):
+            if self.blocks[block_id].generation != generation:
+                return index
+        return len(run)
+
+    def import_blocks(self, token_ids: list[int], start_block: int, num_blocks: int) -> list[int]:
+        """Register fresh blocks for `token_ids`' full blocks `start_block` .. `start_block + num_blocks - 1`,
+        whose K/V another engine computed; returns their ids, in order, for the caller to write the K/V into before
+        any step runs. Fewer (maybe none) when this cache no longer holds blocks `0 .. start_block - 1` (the new
+        ones chain onto them), already holds some of the new ones, or has no free block left. They are left free
+        and cached, most recently used, as a finished sequence leaves its prefix."""
+        if not self.enable_prefix_caching or num_blocks <= 0:
+            return []
+        hashes: list[bytes] = []
+        extend_block_hashes(hashes, token_ids, self.block_size, start_block + num_blocks)
+        matched = self._match(hashes, token_ids)
+        if len(matched) < start_block:
+            return []
+        held = matched[:start_block]
+        for block_id in held:  # taken while new blocks are: eviction must not take the run they chain onto
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                self._unfree(block)
+            block.ref_count += 1
+        new_ids: list[int] = []
+        for block_index in range(start_block, start_block + num_blocks):
+            if self.num_free_blocks == 0 or hashes[block_index] in self.cached_block_ids:
+                break  # no room, or cached here already (or a colliding hash): nothing further can chain on
+            block = self._take_free_block()
+            parent_id = (held + new_ids)[-1] if block_index else None
+            start = block_index * self.block_size
+            block.block_hash, block.token_ids = hashes[block_index], tuple(token_ids[start : start + self.block_size])
+            block.parent = None if parent_id is None else (parent_id, self.blocks[parent_id].generation)
+            block.num_filled_slots = self.block_size
+            self.num_live_slots += self.block_size
+            self.cached_block_ids[block.block_hash] = block.block_id
+            new_ids.append(block.block_id)
+        for block_id in reversed(held + new_ids):  # tail first into the LRU queue, as `free` does
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_ids[block_id] = None
+                self.num_live_slots -= block.num_filled_slots
+                self.num_cached_free_blocks += 1
+        self.num_imported_blocks += len(new_ids)
+        return new_ids
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register `seq`'s blocks that became full and computed, so later sequences can reuse them."""

@@ -136,6 +136,8 @@ class RoutingStats:
     pid: int
     prefix_hashes: list[str] = field(default_factory=list)  # hex, most recently registered last
     prefill_seconds_per_token: float = 0.0  # the engine's measured prefill cost; 0.0 when not measured yet
+    kv_transfer_address: str | None = None  # where other replicas fetch its cached prefixes (replicas/kv_transfer.py)
+    num_imported_tokens: int = 0  # prefix tokens it took from other replicas
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -140,6 +140,34 @@ class ModelRunner:
             seconds = compilation.warm_up(self.model, self.device, self.key_caches[0])
             logger.info("compiled the decoder layers (dynamic token count, one graph) in %.1f s", seconds)
 
+    def read_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of these blocks' K and V, every layer: `[num_layers, len(block_ids), block_size, kv_heads,
+        head_dim]` each (any thread: a block being rewritten meanwhile yields garbage the caller must discard)."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        keys = torch.stack([cache.index_select(0, index) for cache in self.key_caches])
+        values = torch.stack([cache.index_select(0, index) for cache in self.value_caches])
+        return keys.cpu(), values.cpu()
+
+    def check_block_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """ValueError unless these blocks' K/V (as `read_blocks` returns them) fit this cache: another engine's of
+        the same model, block size and KV dtype."""
+        spec = self.kv_spec
+        expected = (spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        for tensor in (keys, values):
+            shape = tuple(tensor.shape)
+            if len(shape) != 5 or shape[:1] + shape[2:] != expected or tensor.dtype != spec.dtype:
+                raise ValueError(f"K/V of shape {shape} {tensor.dtype} do not fit this cache (layers, blocks, "
+                                 f"{', '.join(map(str, expected[1:]))} {spec.dtype} with {spec.num_layers} layers)")
+        if keys.shape != values.shape:
+            raise ValueError("keys and values differ in shape")
+
+    def write_blocks(self, block_ids: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Fill these blocks with K/V shaped as `read_blocks` returns them (`check_block_kv` first)."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for layer, (key_cache, value_cache) in enumerate(zip(self.key_caches, self.value_caches)):
+            key_cache.index_copy_(0, index, keys[layer].to(self.device))
+            value_cache.index_copy_(0, index, values[layer].to(self.device))
+
     @property
     def vocab_size(self) -> int:
         return int(self.hf_config.vocab_size)

@@ -29,6 +29,7 @@ class EngineStats:
     num_steps: int
     num_requests_finished: int
     prefill_seconds_per_token: float = 0.0  # of recent prefill-heavy steps; 0.0 before any ran
+    num_imported_tokens: int = 0  # prefix tokens whose K/V came from another replica (replicas/kv_transfer.py)
 
     @property
     def kv_usage(self) -> float:
