@@ -96,6 +96,10 @@ class AsyncEngine:
         """`LLMEngine.export_prefix`, from any thread (it never waits for the engine thread)."""
         return self.engine.export_prefix(token_ids, start_block, max_blocks)
 
+    def cached_prefix_blocks(self, token_ids: list[int], max_blocks: int) -> int:
+        """How many of `token_ids`' leading full blocks (at most `max_blocks`) the prefix cache holds (any thread)."""
+        return len(self.engine.block_manager.cached_run(token_ids, max_blocks))
+
     def import_prefix(self, token_ids: list[int], prefix: PrefixKV) -> None:
         """Queue `LLMEngine.import_prefix`: it runs before any request queued after this call is added."""
         self._commands.put(_Import(token_ids, prefix))

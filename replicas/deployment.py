@@ -17,6 +17,7 @@ from replicas import EngineDeadError, RequestError
 from replicas.async_engine import AsyncEngine
 from replicas.config import EngineConfig
 from replicas.contract import EngineUnavailableError, RequestOutput, RequestRejectedError, ResumeState, RoutingStats
+from replicas.kv_transfer import KVTransferServer, fetch_prefix
 from replicas.metrics import ReplicaMetrics
 from replicas.sampling_params import SamplingParams
 
@@ -27,6 +28,9 @@ DEFAULT_REPORTED_PREFIX_HASHES = 1024
 # Each stream message costs the replica, the ingress and the proxy about as much CPU as it costs (bench.serving
 # --profile): past this rate over all of a replica's streams, a stream's deltas are merged (docs/design.md).
 DEFAULT_STREAM_MESSAGES_PER_S = 200.0
+# How long a replica waits for another to send it a prefix before computing it itself (a local transfer of a few
+# MB takes milliseconds; a prefix of 1,000 tokens takes ~0.3 s to compute on one busy CPU core).
+DEFAULT_KV_FETCH_TIMEOUT_S = 0.5
 
 
 class EngineUnhealthyError(RuntimeError):
@@ -48,6 +52,8 @@ class LLMReplica:
         stall_timeout_s: float = 60.0,
         reported_prefix_hashes: int = DEFAULT_REPORTED_PREFIX_HASHES,
         stream_messages_per_s: float | None = DEFAULT_STREAM_MESSAGES_PER_S,
+        kv_transfer: bool = True,
+        kv_fetch_timeout_s: float = DEFAULT_KV_FETCH_TIMEOUT_S,
     ) -> None:
         config = EngineConfig(**engine_config)
         if config.num_threads is None:
@@ -64,7 +70,12 @@ class LLMReplica:
         self._stream_tokens = 0
         self._stream_messages_per_s = stream_messages_per_s
         self._num_open_streams = 0
-        logger.info("replica ready: %s", self._model_info)
+        # Other replicas fetch the prefixes this one caches from here, when the router sends them a request whose
+        # prefix it holds (replicas/kv_transfer.py); none without a prefix cache.
+        self.kv_server = KVTransferServer(self.engine) if kv_transfer and config.enable_prefix_caching else None
+        self.kv_fetch_timeout_s = kv_fetch_timeout_s
+        logger.info("replica ready: %s; prefixes served at %s", self._model_info,
+                    self.kv_server.address if self.kv_server else "(kv transfer off)")  # fmt: skip
 
     async def generate(
         self,
@@ -74,15 +85,20 @@ class LLMReplica:
         prefix_hashes: list[str] | None = None,
         priority: int = 0,
         resume: ResumeState | None = None,
+        kv_source: dict[str, Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's output deltas. `prefix_hashes` is for the request router; the engine re-derives them.
         `priority`: lower runs first under the `priority` and `fair` scheduling policies (ignored by `fcfs`).
         `resume`: continue a request another replica lost (router/migration.py); the deltas carry new tokens only.
+        `kv_source`: `{"address", "num_blocks"}` of a replica holding that many of the prompt's leading blocks (the
+        request router sets it): the blocks missing here are fetched from it first (replicas/kv_transfer.py).
 
         Raises `RequestRejectedError` for a request the engine refuses and `EngineUnavailableError` when the engine
         loop is gone. Cancelling the call (a client disconnect) aborts the request and frees its KV blocks.
         """
         finished = sent = False
+        if kv_source is not None and self.kv_server is not None:
+            await self._fetch_prefix(prompt_token_ids, kv_source)
         self._num_open_streams += 1
         try:
             async for output in self.engine.generate(
@@ -114,6 +130,22 @@ class LLMReplica:
             self._num_open_streams -= 1
             if not finished:
                 self.metrics.cancelled(request_id)
+
+    async def _fetch_prefix(self, prompt_token_ids: list[int], kv_source: dict[str, Any]) -> None:
+        """Import the prompt's leading blocks `kv_source` holds and this replica does not (best effort: on any
+        failure the request computes them)."""
+        address, num_blocks = kv_source.get("address"), int(kv_source.get("num_blocks") or 0)
+        if not address or address == self.kv_server.address:
+            return
+        have = self.engine.cached_prefix_blocks(prompt_token_ids, num_blocks)
+        if num_blocks <= have:
+            return
+        prefix = await fetch_prefix(address, prompt_token_ids, have, num_blocks, self.kv_fetch_timeout_s)
+        if prefix is not None:
+            self.engine.import_prefix(prompt_token_ids, prefix)  # queued ahead of the request: it finds them
+            self.metrics.kv_fetched(prefix.num_blocks * prefix.keys.shape[2])
+        else:
+            self.metrics.kv_fetch_failed()
 
     def model_info(self) -> dict[str, Any]:
         """`ModelInfo.to_dict()`: what the ingress needs to validate requests the way this engine will."""
@@ -153,12 +185,17 @@ class LLMReplica:
             pid=os.getpid(),
             prefix_hashes=[block_hash.hex() for block_hash in recent_hashes],
             prefill_seconds_per_token=stats.prefill_seconds_per_token,
+            kv_transfer_address=self.kv_server.address if self.kv_server is not None else None,
+            num_imported_tokens=stats.num_imported_tokens,
         ).to_dict()
 
     def __del__(self) -> None:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.shutdown()
+        kv_server = getattr(self, "kv_server", None)
+        if kv_server is not None:
+            kv_server.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout_s=2.0)

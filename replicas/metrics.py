@@ -77,6 +77,13 @@ class ReplicaMetrics:
         self.num_preemptions = counter("num_preemptions", "Sequences preempted (KV blocks freed, recomputed later).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        # Prefixes fetched from other replicas instead of computed (replicas/kv_transfer.py); not in vLLM.
+        self.kv_imported_tokens = counter(
+            "kv_transfer_imported_tokens", "Prompt tokens whose K/V was fetched from another replica."
+        )
+        self.kv_fetch_failures = counter(
+            "kv_transfer_fetch_failures", "Prefix fetches from another replica that failed (the prefix was computed)."
+        )
         # vLLM: vllm:request_success (by finished_reason)
         self.request_success = counter(
             "request_success", "Finished requests by finish reason (stop, length, abort).", (*TAG_KEYS, "finished_reason")
@@ -102,7 +109,7 @@ class ReplicaMetrics:
         # NOTE: a counter is exported from its first increment on, and Ray refuses inc(0); start each series at 0
         # (what Prometheus recommends) so rates are defined, and dashboards show 0 rather than no data.
         for zeroed in (self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions, self.prompt_tokens,
-                       self.generation_tokens):  # fmt: skip
+                       self.generation_tokens, self.kv_imported_tokens, self.kv_fetch_failures):  # fmt: skip
             _start_at_zero(zeroed, {})
         for reason in FINISH_REASONS:
             _start_at_zero(self.request_success, {"finished_reason": reason})
@@ -149,6 +156,13 @@ class ReplicaMetrics:
         reasons = [completion.finish_reason for completion in output.outputs if completion.finish_reason]
         reason = reasons[0] if reasons else "abort"
         self.request_success.inc(1, tags={"finished_reason": reason if reason in FINISH_REASONS else "abort"})
+
+    def kv_fetched(self, num_tokens: int) -> None:
+        if num_tokens > 0:
+            self.kv_imported_tokens.inc(num_tokens)
+
+    def kv_fetch_failed(self) -> None:
+        self.kv_fetch_failures.inc()
 
     def cancelled(self, request_id: str) -> None:
         """The caller went away before the end: the engine aborts the request."""

@@ -53,6 +53,10 @@ class AppArgs(BaseModel):
         description="most stream messages a replica sends per second over all its requests: with many streams "
         "open, each stream's deltas are merged over 1/(this/streams) s (None: one message per step per request)",
     )  # fmt: skip
+    kv_transfer: bool = Field(
+        default=True, description="replicas fetch a request's cached prefix from the replica holding it when the "
+        "router sends it elsewhere (replicas/kv_transfer.py; same node only: 127.0.0.1)",
+    )  # fmt: skip
     request_router: str = Field(
         default=KV_AWARE_ROUTER, description="`module:Class` of the replicas' Serve RequestRouter (bench/routing.py "
         "compares others: router/baseline_routers.py, Serve's PowerOfTwoChoicesRequestRouter)",
@@ -156,7 +160,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         options["max_replicas_per_node"] = args.max_replicas_per_node
     replica = LLMReplica.options(**options).bind(
         engine_config.model_dump(exclude_defaults=True), stall_timeout_s=args.stall_timeout_s,
-        stream_messages_per_s=args.stream_messages_per_s,
+        stream_messages_per_s=args.stream_messages_per_s, kv_transfer=args.kv_transfer,
     )  # fmt: skip
     ingress_config = IngressConfig(
         model=args.model,

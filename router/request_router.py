@@ -28,7 +28,15 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from replicas.contract import ContractError, RoutingStats
 from router.metrics import record_predicted_hit_tokens, record_routing_decision, start_predicted_hit_series
-from router.routing_policy import ReplicaView, RoutingPolicy, hold_replica, is_saturated, matched_blocks, rank_replicas
+from router.routing_policy import (
+    ReplicaView,
+    RoutingPolicy,
+    hold_replica,
+    is_saturated,
+    kv_source,
+    matched_blocks,
+    rank_replicas,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,7 @@ class KVAwareRequestRouter(RequestRouter):
         max_held_for_affinity: int = RoutingPolicy.max_held_for_affinity,
         max_hold_s: float | None = RoutingPolicy.max_hold_s,
         slot_wait_s: float = 0.2,
+        kv_transfer: bool = RoutingPolicy.kv_transfer,
     ) -> None:
         self._slot_wait_s = slot_wait_s  # see `choose_replicas`; 0: no wait, Serve's backoff alone paces the asks
         self._slot_waiters: set[asyncio.Future[None]] = set()  # requests waiting in `choose_replicas` for a slot
@@ -58,7 +67,7 @@ class KVAwareRequestRouter(RequestRouter):
         self._max_recent_routes = max_recent_routes
         self._policy = RoutingPolicy(
             min_match_blocks, max_waiting_for_affinity, max_imbalance, min_wait_blocks, wait_per_block_s,
-            max_affinity_wait_s, max_held_for_affinity, max_hold_s,
+            max_affinity_wait_s, max_held_for_affinity, max_hold_s, kv_transfer,
         )
         # replica id -> {block hash: when this router last sent a request with that block there}, oldest first
         self._recent_routes: dict[str, OrderedDict[str, float]] = {}
@@ -153,12 +162,23 @@ class KVAwareRequestRouter(RequestRouter):
             views, len(request_hashes), self._policy, self._rng, waited_s, queued_s, num_older_waiting
         )  # fmt: skip
         holder = hold_replica(views, self._policy, waited_s, queued_s)
+        source = kv_source(views, self._policy)
+        if pending_request is not None:
+            # Wherever Serve places it, the replica fetches the blocks it lacks from the source first.
+            if source is not None:
+                pending_request.kwargs["kv_source"] = {"address": source.stats.kv_transfer_address,
+                                                       "num_blocks": source.prefix_blocks}  # fmt: skip
+            else:
+                pending_request.kwargs.pop("kv_source", None)
         if _TRACE is not None:
             _trace("rank", key=key, blocks=len(request_hashes), queued_s=queued_s, waited_s=waited_s,
                    older_waiting=num_older_waiting, held_for=holder.replica_id if holder is not None else None,
+                   kv_source=source.replica_id if source is not None else None,
                    ranks=ranks, views=[_trace_view(view) for view in views])  # fmt: skip
         if key is not None:  # why each replica was offered, counted once Serve has placed the request
-            predicted = {view.replica_id: view.prefix_blocks * self._block_size for view in views}
+            # A replica is expected to hit what it holds, or what it fetches from the source.
+            fetched = source.prefix_blocks if source is not None else 0
+            predicted = {view.replica_id: max(view.prefix_blocks, fetched) * self._block_size for view in views}
             self._routing_reasons[key] = {
                 replica_id: (reason, predicted[replica_id]) for rank, reason in ranks for replica_id in rank
             }

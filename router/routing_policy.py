@@ -5,7 +5,8 @@ reports and hands Serve the ranks.
 1. Prefix affinity: the replica holding the longest leading run of the request's blocks, unless overloaded.
 2. Replicas with fresh stats: fewest waiting, then most free KV blocks (saturated ones last).
 3. Replicas whose stats are stale, missing or unreadable: power of two choices on ongoing requests.
-A request may be held for a saturated replica holding its prefix much deeper than any other (`hold_replica`).
+A request may be held for a saturated replica holding its prefix much deeper than any other (`hold_replica`),
+unless that replica serves its prefixes to the others (`kv_source`: the request takes the prefix along).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class RoutingPolicy:
     max_affinity_wait_s: float = 3.0
     max_held_for_affinity: int = 4
     max_hold_s: float | None = None  # no hold once the request has been queued this long (None: no such bound)
+    # Replicas fetch a prefix from its holder (replicas/kv_transfer.py): no hold for a holder that serves its
+    # prefixes; the request goes where a slot is and takes the prefix along.
+    kv_transfer: bool = True
 
 
 def matched_blocks(request_hashes: list[str], *known: Container[str]) -> int:
@@ -189,6 +193,8 @@ def _worth_waiting_for(
     """Whether to hold the request for the saturated replica holding its prefix much deeper than the rest."""
     if holder.stats is None or not is_saturated(holder):
         return False
+    if policy.kv_transfer and holder.stats.kv_transfer_address:
+        return False  # another replica can fetch the prefix from it (milliseconds) rather than wait for a slot
     if policy.max_hold_s is not None and queued_s is not None and queued_s >= policy.max_hold_s:
         return False
     if holder.stats.num_waiting + holder.routed_since_report > policy.max_waiting_for_affinity:
@@ -212,6 +218,16 @@ def _worth_waiting_for(
         # twice the better choice), or without bound where no replica measured its prefill yet.
         return True
     return waited_s < min(policy.max_affinity_wait_s, saved_s)
+
+
+def kv_source(replicas: list[ReplicaView], policy: RoutingPolicy) -> ReplicaView | None:
+    """The replica to fetch the request's prefix from wherever it goes: the deepest holder that serves its
+    prefixes (the receiver fetches only the blocks it lacks, so the choice of receiver does not matter)."""
+    if not policy.kv_transfer:
+        return None
+    sources = [r for r in replicas if r.stats is not None and r.stats.kv_transfer_address]
+    source = max(sources, key=lambda r: (r.prefix_blocks, r.replica_id), default=None)
+    return source if source is not None and source.prefix_blocks >= policy.min_match_blocks else None
 
 
 def _measured_prefill_s_per_block(replicas: list[ReplicaView]) -> float | None:

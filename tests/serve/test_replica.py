@@ -12,6 +12,7 @@ import pytest
 from replicas import SamplingParams
 from replicas.contract import ModelInfo, RequestRejectedError, RoutingStats, prefix_block_hashes
 from replicas.deployment import EngineUnhealthyError, LLMReplica
+from replicas.kv_transfer import free_port_address
 from tests.serve.conftest import wait_until
 
 
@@ -24,10 +25,10 @@ def replica(tiny_llama_dir: Path):
     instance.engine.shutdown()
 
 
-def generate(replica, prompt: list[int], max_tokens: int, request_id: str = "r1") -> list:
+def generate(replica, prompt: list[int], max_tokens: int, request_id: str = "r1", **kwargs: object) -> list:
     async def collect() -> list:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return [output async for output in replica.generate(request_id, prompt, params, prefix_hashes=[])]
+        return [output async for output in replica.generate(request_id, prompt, params, prefix_hashes=[], **kwargs)]
 
     return asyncio.run(collect())
 
@@ -130,3 +131,38 @@ def test_health_check_fails_when_the_loop_died(replica) -> None:
     replica.engine.shutdown()
     with pytest.raises(EngineUnhealthyError, match="not running"):
         replica.check_health()
+
+
+def test_a_replica_fetches_the_prefix_blocks_it_lacks_from_the_holder(tiny_llama_dir: Path) -> None:
+    """The request router's `kv_source`: the receiving replica imports the holder's blocks before the request
+    queues, hits them, and generates what the holder itself does; an unreachable source costs only the prefix."""
+    config = {"model": str(tiny_llama_dir), "kv_cache_memory_bytes": 4 * 2**20, "num_threads": 1, "block_size": 8}
+    holder, receiver, cut_off = (LLMReplica.func_or_class(config) for _ in range(3))
+    try:
+        prompt = list(range(1000, 1061))  # 7 full blocks of 8
+        generate(holder, prompt, max_tokens=3)
+        report = RoutingStats.from_dict(holder.record_routing_stats())
+        assert report.kv_transfer_address == holder.kv_server.address
+        assert report.kv_transfer_address.startswith("127.0.0.1:")
+
+        follow_up = prompt + list(range(2000, 2011))
+        source = {"address": holder.kv_server.address, "num_blocks": 7}
+        fetched = generate(receiver, follow_up, max_tokens=6, request_id="f", kv_source=source)
+        stats = receiver.engine.stats()
+        assert stats.num_imported_tokens == 56 and stats.prefix_cache_hits == 56
+        assert RoutingStats.from_dict(receiver.record_routing_stats()).num_imported_tokens == 56
+        expected = generate(holder, follow_up, max_tokens=6, request_id="h")  # the holder's own hit
+        assert tokens_of(fetched) == tokens_of(expected)
+
+        unreachable = {"address": free_port_address(), "num_blocks": 7}  # nothing listens there
+        computed = generate(cut_off, follow_up, max_tokens=6, request_id="c", kv_source=unreachable)
+        assert tokens_of(computed) == tokens_of(expected)
+        assert cut_off.engine.stats().num_imported_tokens == 0 and cut_off.engine.stats().prefix_cache_hits == 0
+    finally:
+        for instance in (holder, receiver, cut_off):
+            instance.kv_server.close()
+            instance.engine.shutdown()
+
+
+def tokens_of(outputs: list) -> list[int]:
+    return [token for output in outputs for token in output.outputs[0].token_ids]

@@ -7,14 +7,21 @@ import concurrent.futures
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
 from replicas.contract import RoutingStats, prefix_block_hashes
 from router.request_router import KVAwareRequestRouter
-from router.routing_policy import ReplicaView, RoutingPolicy, hold_replica, matched_blocks, rank_replicas
+from router.routing_policy import (
+    ReplicaView,
+    RoutingPolicy,
+    hold_replica,
+    kv_source,
+    matched_blocks,
+    rank_replicas,
+)
 
 HASHES = prefix_block_hashes(list(range(100, 100 + 16 * 6)), block_size=16, max_blocks=256)  # six chained hashes
 
@@ -513,3 +520,45 @@ def test_a_request_held_for_its_prefix_holder_is_ranked_again_while_it_waits_and
         return [replica.name for replica in ranks[0]]
 
     assert asyncio.run(scenario()) == ["a"]
+
+
+def serving(replica_view: ReplicaView, address: str) -> ReplicaView:
+    """The view of a replica that serves its cached prefixes to the others at `address`."""
+    return replace(replica_view, stats=replace(replica_view.stats, kv_transfer_address=address))
+
+
+def test_a_saturated_holder_that_serves_its_prefixes_is_not_waited_for() -> None:
+    """The request goes where a slot is and fetches the prefix there: no hold, unless kv transfer is off."""
+    policy = RoutingPolicy(min_wait_blocks=4, wait_per_block_s=0.1)
+    holder = view("b", prefix_blocks=6, ongoing=8, max_ongoing=8)
+    replicas = [view("a", prefix_blocks=1), serving(holder, "127.0.0.1:5001")]
+    assert first_choice(rank_ids(replicas, 6, policy, waited_s=0.0)) == ["a"]
+    assert kv_source(replicas, policy).replica_id == "b"
+    no_transfer = replace(policy, kv_transfer=False)
+    assert rank_replicas(replicas, 6, no_transfer, waited_s=0.0) == [(["b"], "prefix_hit")]
+    assert kv_source(replicas, no_transfer) is None
+    # A holder that does not serve its prefixes (kv transfer off there) is still waited for.
+    assert rank_replicas([replicas[0], holder], 6, policy, waited_s=0.0) == [(["b"], "prefix_hit")]
+
+
+def test_the_prefix_source_is_the_deepest_holder_that_serves_its_prefixes() -> None:
+    policy = RoutingPolicy(min_match_blocks=2)
+    replicas = [serving(view("a", prefix_blocks=3), "127.0.0.1:1"), serving(view("b", prefix_blocks=5), "127.0.0.1:2"),
+                view("c", prefix_blocks=9)]  # fmt: skip
+    assert kv_source(replicas, policy).replica_id == "b"  # c holds more but does not serve it
+    shallow = [serving(view("a", prefix_blocks=1), "127.0.0.1:1"), view("b")]
+    assert kv_source(shallow, policy) is None  # below min_match_blocks: not worth a fetch
+    assert kv_source([view("a", prefix_blocks=4, fresh=False)], policy) is None  # no stats: no address
+
+
+def test_router_tells_the_replica_where_to_fetch_the_prefix_wherever_it_goes() -> None:
+    router = make_router(queue_lengths={"a": 0, "b": 8})
+    holder_stats = replace(report(hashes=HASHES), kv_transfer_address="127.0.0.1:7000").to_dict()
+    replicas = [FakeReplica("a", stats()), FakeReplica("b", holder_stats)]
+    request = FakePendingRequest({"prefix_hashes": HASHES, "kv_source": {"stale": True}})
+    ranks = asyncio.run(router.choose_replicas(replicas, request))
+    assert [replica.name for replica in ranks[0]] == ["a"]  # b is saturated: no hold, a fetches from it
+    assert request.kwargs["kv_source"] == {"address": "127.0.0.1:7000", "num_blocks": len(HASHES)}
+    nothing_cached = FakePendingRequest({"prefix_hashes": ["f" * 32], "kv_source": {"stale": True}})
+    asyncio.run(router.choose_replicas(replicas, nothing_cached))
+    assert "kv_source" not in nothing_cached.kwargs

@@ -7,6 +7,7 @@ import random
 
 import httpx
 
+from replicas.contract import prefix_block_hashes
 from tests.serve.conftest import TINY_MAX_NUM_SEQS, TINY_MAX_QUEUED, ServedApp, replica_stats, run, wait_until
 
 
@@ -74,6 +75,40 @@ def test_requests_sharing_a_prefix_land_on_the_same_replica(tiny_app: ServedApp)
     assert sorted(served.values()) == [0, 7], served
     for result in results[1:]:
         assert result["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16 * 8
+
+
+def test_requests_past_a_busy_prefix_holder_fetch_its_prefix_and_generate_the_same(tiny_app: ServedApp) -> None:
+    """Once the replica holding a prefix is saturated, the router sends the rest elsewhere and tells that replica
+    where the prefix is: it fetches the blocks (replicas/kv_transfer.py) instead of computing them, and generates
+    exactly what the holder does."""
+    wait_until(lambda: idle("tiny"))
+    prompt = random_ids(16 * 8 + 5, seed=123)  # eight full blocks
+    imported_before = sum(stats.get("num_imported_tokens", 0) for stats in replica_stats("tiny").values())
+
+    def holder_full() -> bool:
+        return any(stats["num_running"] == TINY_MAX_NUM_SEQS for stats in replica_stats("tiny").values())
+
+    async def waves() -> list[dict]:
+        async with httpx.AsyncClient(base_url=tiny_app.base_url, timeout=120) as client:
+            await complete(client, prompt, max_tokens=2)
+            # Once the holder reports the prefix, a first wave follows it there and fills its slots ...
+            await asyncio.to_thread(wait_until, lambda: any(
+                first_block in stats["prefix_hashes"] for stats in replica_stats("tiny").values()))
+            first_wave = [asyncio.create_task(complete(client, prompt, max_tokens=300))
+                          for _ in range(TINY_MAX_NUM_SEQS)]  # fmt: skip
+            await asyncio.to_thread(wait_until, holder_full)
+            # ... and the next requests go to the other replica, which fetches the prefix.
+            second_wave = [complete(client, prompt, max_tokens=300) for _ in range(2)]
+            return await asyncio.gather(*first_wave, *second_wave)
+
+    first_block = prefix_block_hashes(prompt, 16, 1)[0]
+    results = run(waves())
+    texts = {result["choices"][0]["text"] for result in results}
+    assert len(texts) == 1, texts  # greedy: the same continuation on either replica
+    assert all(r["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16 * 8 for r in results)
+    imported = sum(stats.get("num_imported_tokens", 0) for stats in replica_stats("tiny").values()) - imported_before
+    assert imported >= 16 * 8, imported  # the replica that did not hold the prefix fetched all eight blocks
+    wait_until(lambda: idle("tiny"), timeout_s=60)
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_the_blocks(tiny_app: ServedApp) -> None:
