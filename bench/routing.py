@@ -291,6 +291,7 @@ class RouterResult:
     imbalance: float
     imbalance_samples: int
     predicted_hit_tokens: float | None = None
+    imported_tokens: int = 0  # of the hits, tokens a replica fetched from another (replicas/kv_transfer.py)
     per_replica_prompt_tokens: list[int] = field(default_factory=list)
     ttfts: list[tuple[str, float, float]] = field(default_factory=list)  # (kind, start s, TTFT s) of each answer
     ttft_p99_runs_s: list[float] = field(default_factory=list)  # each run's own p99, when runs were pooled
@@ -316,6 +317,7 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "imbalance": statistics.mean(ratios) if ratios else math.nan,
         "imbalance_samples": sum(run["imbalance_samples"] for run in runs),
         "predicted_hit_tokens": None if None in predicted else sum(predicted),
+        "imported_tokens": sum(run.get("imported_tokens", 0) for run in runs),
         "per_replica_prompt_tokens": [sum(t) for t in zip(*(run["per_replica_prompt_tokens"] for run in runs))],
         "ttfts": ttfts, "ttft_p99_runs_s": [p for run in runs for p in run["ttft_p99_runs_s"]],
         "seeds": [seed for run in runs for seed in run["seeds"]],
@@ -349,6 +351,7 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
         after = stats_of(replicas)
         queried = [a["prefix_cache_queries"] - b["prefix_cache_queries"] for a, b in zip(after, before)]
         hits = sum(a["prefix_cache_hits"] - b["prefix_cache_hits"] for a, b in zip(after, before))
+        imported = sum(a.get("num_imported_tokens", 0) - b.get("num_imported_tokens", 0) for a, b in zip(after, before))
         ttfts = [r.ttft for r in records if r.ttft is not None and r.error is None]
         ratio, num_samples = imbalance(sampler.samples, deployment.max_num_seqs)
         p99 = percentile(ttfts, 0.99)
@@ -359,7 +362,7 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
             hit_rate=hits / max(1, sum(queried)), hit_tokens=hits, prompt_tokens=sum(queried),
             ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=p99,
             output_tok_s=sum(r.completion_tokens for r in records if r.error is None) / elapsed_s,
-            imbalance=ratio, imbalance_samples=num_samples, predicted_hit_tokens=predicted,
+            imbalance=ratio, imbalance_samples=num_samples, predicted_hit_tokens=predicted, imported_tokens=imported,
             per_replica_prompt_tokens=queried, ttft_p99_runs_s=[p99], seeds=[workload.seed],
             ttfts=[(r.kind, round(r.start, 3), round(r.ttft, 3)) for r in records
                    if r.ttft is not None and r.error is None],
@@ -373,13 +376,15 @@ def run_router(name: str, deployment: Deployment, workload: Workload, words: lis
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """The results as the table README.md's "Routing quality" section shows."""
-    lines = ["| replicas | router | hit rate | TTFT p50 (s) | TTFT p99 (s) | output tok/s | imbalance | "
+    lines = ["| replicas | router | hit rate (fetched) | TTFT p50 (s) | TTFT p99 (s) | output tok/s | imbalance | "
              "predicted / actual hit tokens | requests (errors) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in results:
         predicted = r["predicted_hit_tokens"]
         predicted = "—" if predicted is None else f"{predicted:.0f} / {r['hit_tokens']}"
-        lines.append(f"| {r['replicas']} | {r['router']} | {r['hit_rate']:.1%} | {r['ttft_p50_s']:.2f} | "
+        fetched = r.get("imported_tokens", 0) / max(1, r.get("prompt_tokens", 0))
+        hit_rate = f"{r['hit_rate']:.1%} ({fetched:.1%})" if fetched else f"{r['hit_rate']:.1%}"
+        lines.append(f"| {r['replicas']} | {r['router']} | {hit_rate} | {r['ttft_p50_s']:.2f} | "
                      f"{r['ttft_p99_s']:.2f} | {r['output_tok_s']:.1f} | {r['imbalance']:.2f} | {predicted} | "
                      f"{r['requests']} ({r['errors']}) |")  # fmt: skip
     return "\n".join(lines)

@@ -57,6 +57,8 @@ def test_the_table_has_a_row_per_router_and_the_targets_are_judged() -> None:
     results = [result("ours", 0.6, 1.0, 1.2), result("pow2", 0.4, 1.5, 1.1), result("prefix", 0.7, 2.0, 1.9)]
     table = markdown_table(results).splitlines()
     assert len(table) == 2 + 3 and "| 2 | ours | 60.0% |" in table[2] and "90 / 100" in table[2]
+    fetched = {**results[0], "imported_tokens": 25, "prompt_tokens": 200}  # of its hits, fetched from another replica
+    assert "| 2 | ours | 60.0% (12.5%) |" in markdown_table([fetched]).splitlines()[2]
     verdicts = targets(results)
     assert "MISSED" in verdicts[0] and "70.0%" in verdicts[0]  # prefix's hit rate is higher
     assert verdicts[1].endswith("met") and verdicts[2].endswith("met")
