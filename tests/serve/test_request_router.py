@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -242,9 +244,15 @@ class FakeQueueLengths:
         return self.lengths.get(replica_id.unique_id)
 
 
+_request_ids = itertools.count()
+
+
 @dataclass
 class FakePendingRequest:
     kwargs: dict[str, Any]
+    # Serve's id for the request: the router keys its queue by it (without one, by `id()`, which a request created
+    # after an earlier one was freed may reuse: the test then sees one request where it made two).
+    metadata: Any = field(default_factory=lambda: SimpleNamespace(internal_request_id=f"req-{next(_request_ids)}"))
     args: list[Any] = field(default_factory=list)
     routing_context: Any = field(default_factory=lambda: type("Context", (), {"should_backoff": False})())
     created_at: float | None = None  # when Serve queued it (None: unknown)
