@@ -123,8 +123,8 @@ def test_rotary_rotates_query_and_key_in_place(cpu_fused_backend, tokens: int, h
 
 
 def test_bf16_ops_reproduce_the_eager_bf16_chain(cpu_fused_backend) -> None:
-    """Each op rounds where the eager bf16 chain rounds: SiLU·mul and RoPE give the same bits, RMSNorm all but a few
-    last-bit differences (its sum's order), and the residual add the same bits."""
+    """Each op rounds where the eager bf16 chain rounds: RoPE and the residual add give the same bits, RMSNorm and
+    SiLU·mul all but a few last-bit differences (the sum's order; exp's last bit)."""
     generator = torch.Generator().manual_seed(0)
     ops = cpu_fused_backend.ops
     x = torch.randn(67, 576, generator=generator).bfloat16()
@@ -145,7 +145,8 @@ def test_bf16_ops_reproduce_the_eager_bf16_chain(cpu_fused_backend) -> None:
     activated = torch.empty(67, 1536, dtype=torch.bfloat16)
     ops.silu_and_mul(gate_up, activated)
     gate, up = gate_up.chunk(2, dim=-1)
-    assert torch.equal(activated, F.silu(gate) * up)
+    # exp is a polynomial here and Sleef's in ATen: a last-bit difference can move a bf16 rounding, very rarely.
+    assert_within_one_bf16_ulp(activated, F.silu(gate) * up, max_share=0.001)
 
     query = torch.randn(67, 9, 64, generator=generator).bfloat16()
     key = torch.randn(67, 3, 64, generator=generator).bfloat16()
