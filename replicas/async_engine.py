@@ -14,6 +14,7 @@ from replicas.config import EngineConfig
 from replicas.contract import ModelInfo, RequestOutput, ResumeState, merge_deltas
 from replicas.engine import LLMEngine
 from replicas.intake import OutputKind
+from replicas import kv_transfer
 from replicas.kv_transfer import PrefixKV
 from replicas.outputs import EngineStats
 from replicas.sampling_params import SamplingParams
@@ -93,15 +94,15 @@ class AsyncEngine:
         return self.engine.block_manager.recent_prefix_hashes(limit)
 
     def export_prefix(self, token_ids: list[int], start_block: int, max_blocks: int) -> PrefixKV | None:
-        """`LLMEngine.export_prefix`, from any thread (it never waits for the engine thread)."""
-        return self.engine.export_prefix(token_ids, start_block, max_blocks)
+        """`kv_transfer.export_prefix`, from any thread (it never waits for the engine thread)."""
+        return kv_transfer.export_prefix(self.engine, token_ids, start_block, max_blocks)
 
     def cached_prefix_blocks(self, token_ids: list[int], max_blocks: int) -> int:
         """How many of `token_ids`' leading full blocks (at most `max_blocks`) the prefix cache holds (any thread)."""
         return len(self.engine.block_manager.cached_run(token_ids, max_blocks))
 
     def import_prefix(self, token_ids: list[int], prefix: PrefixKV) -> None:
-        """Queue `LLMEngine.import_prefix`: it runs before any request queued after this call is added."""
+        """Queue `kv_transfer.import_prefix`: it runs before any request queued after this call is added."""
         self._commands.put(_Import(token_ids, prefix))
 
     async def generate(
@@ -211,7 +212,7 @@ class AsyncEngine:
             self._streams.pop(command.request_id, None)
         elif isinstance(command, _Import):
             try:
-                self.engine.import_prefix(command.token_ids, command.prefix)
+                kv_transfer.import_prefix(self.engine, command.token_ids, command.prefix)
             except ValueError as error:  # a peer with another cache layout: its request computes the prefix
                 logger.warning("kv transfer: could not import a prefix: %s", error)
             self._stats = self.engine.stats()

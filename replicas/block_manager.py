@@ -141,30 +141,18 @@ class BlockManager:
             return []
         held = matched[:start_block]
         for block_id in held:  # taken while new blocks are: eviction must not take the run they chain onto
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                self._unfree(block)
-            block.ref_count += 1
+            self._claim(block_id)
         new_ids: list[int] = []
         for block_index in range(start_block, start_block + num_blocks):
             if self.num_free_blocks == 0 or hashes[block_index] in self.cached_block_ids:
                 break  # no room, or cached here already (or a colliding hash): nothing further can chain on
             block = self._take_free_block()
             parent_id = (held + new_ids)[-1] if block_index else None
-            start = block_index * self.block_size
-            block.block_hash, block.token_ids = hashes[block_index], tuple(token_ids[start : start + self.block_size])
-            block.parent = None if parent_id is None else (parent_id, self.blocks[parent_id].generation)
+            self._register(block, hashes[block_index], token_ids, block_index, parent_id)
             block.num_filled_slots = self.block_size
             self.num_live_slots += self.block_size
-            self.cached_block_ids[block.block_hash] = block.block_id
             new_ids.append(block.block_id)
-        for block_id in reversed(held + new_ids):  # tail first into the LRU queue, as `free` does
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_block_ids[block_id] = None
-                self.num_live_slots -= block.num_filled_slots
-                self.num_cached_free_blocks += 1
+        self._release(held + new_ids)
         self.num_imported_blocks += len(new_ids)
         return new_ids
 
@@ -185,10 +173,7 @@ class BlockManager:
             parent_id = self.cached_block_ids.get(parent_hash) if parent_hash is not None else None
             if parent_hash is not None and parent_id is None:
                 continue  # the parent was evicted: this block could never be matched
-            start = block_index * self.block_size
-            block.block_hash, block.token_ids = block_hash, tuple(seq.token_ids[start : start + self.block_size])
-            block.parent = None if parent_id is None else (parent_id, self.blocks[parent_id].generation)
-            self.cached_block_ids[block_hash] = block.block_id
+            self._register(block, block_hash, seq.token_ids, block_index, parent_id)
         seq.num_registered_blocks = num_full
 
     def recent_prefix_hashes(self, limit: int) -> list[bytes]:
@@ -238,10 +223,7 @@ class BlockManager:
             return False
 
         for block_id in prefix_block_ids:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                self._unfree(block)
-            block.ref_count += 1
+            self._claim(block_id)
             seq.block_table.append(block_id)
         if seq.num_computed_tokens == 0 and self.enable_prefix_caching:  # an admission: count the lookup
             self.num_prefix_query_tokens += seq.num_tokens
@@ -280,8 +262,28 @@ class BlockManager:
             self.blocks[block_id].ref_count += 1
 
     def free(self, seq: Sequence) -> None:
-        """Release `seq`'s blocks. Tail blocks go first into the LRU queue, so they are evicted before the prefix."""
-        for block_id in reversed(seq.block_table):
+        """Release `seq`'s blocks."""
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
+    def _claim(self, block_id: int) -> None:
+        """One more holder of a registered block; a free one (cached) leaves the LRU queue."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_block_ids[block_id]
+            self.num_cached_free_blocks -= 1
+            self.num_live_slots += block.num_filled_slots
+        block.ref_count += 1
+
+    def _release(self, block_ids: list[int]) -> None:
+        """One holder fewer of each block. Tail blocks go first into the LRU queue, so they are evicted before the
+        prefix they follow."""
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed more often than it was taken"
@@ -290,18 +292,14 @@ class BlockManager:
                 self.num_live_slots -= block.num_filled_slots
                 if block.block_hash is not None:
                     self.num_cached_free_blocks += 1
-        seq.block_table = []
-        seq.num_registered_blocks = 0
 
-    def take_pending_copies(self) -> list[tuple[int, int]]:
-        copies, self.pending_copies = self.pending_copies, []
-        return copies
-
-    def _unfree(self, block: KVBlock) -> None:
-        """A free cached block claimed again by a prefix hit."""
-        del self.free_block_ids[block.block_id]
-        self.num_cached_free_blocks -= 1
-        self.num_live_slots += block.num_filled_slots
+    def _register(self, block: KVBlock, block_hash: bytes, token_ids: list[int], block_index: int,
+                  parent_id: int | None) -> None:  # fmt: skip
+        """Make `block` (holding `token_ids`' block `block_index`) findable by the prefix cache."""
+        start = block_index * self.block_size
+        block.block_hash, block.token_ids = block_hash, tuple(token_ids[start : start + self.block_size])
+        block.parent = None if parent_id is None else (parent_id, self.blocks[parent_id].generation)
+        self.cached_block_ids[block_hash] = block.block_id
 
     def _take_free_block(self) -> KVBlock:
         if len(self.blocks) < self.num_total_blocks:  # never used: no cached content to evict

@@ -72,7 +72,8 @@ class LLMReplica:
         self._num_open_streams = 0
         # Other replicas fetch the prefixes this one caches from here, when the router sends them a request whose
         # prefix it holds (replicas/kv_transfer.py); none without a prefix cache.
-        self.kv_server = KVTransferServer(self.engine) if kv_transfer and config.enable_prefix_caching else None
+        serves_prefixes = kv_transfer and config.enable_prefix_caching
+        self.kv_server = KVTransferServer(self.engine.export_prefix) if serves_prefixes else None
         self.kv_fetch_timeout_s = kv_fetch_timeout_s
         logger.info("replica ready: %s; prefixes served at %s", self._model_info,
                     self.kv_server.address if self.kv_server else "(kv transfer off)")  # fmt: skip

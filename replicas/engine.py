@@ -14,7 +14,6 @@ from replicas.block_manager import BlockManager
 from replicas.config import EngineConfig
 from replicas.contract import ModelInfo, RequestOutput, ResumeState
 from replicas.intake import OutputKind, Request, RequestError, RequestIntake
-from replicas.kv_transfer import PrefixKV
 from replicas.model_runner import ModelRunner
 from replicas.output_processor import OutputProcessor
 from replicas.outputs import EngineStats
@@ -256,31 +255,6 @@ class LLMEngine:
             child = self.intake.fork(request, request.seqs[0], len(request.seqs))
             child.status, child.finish_reason = SequenceStatus.FINISHED, "abort"
             self.output_processor.add(child)
-
-    # --- prefixes moved between engines (replicas/kv_transfer.py) ---------------------------------------------
-
-    def export_prefix(self, token_ids: list[int], start_block: int, max_blocks: int) -> PrefixKV | None:
-        """Copies of the K/V of `token_ids`' cached leading full blocks from `start_block` on (at most `max_blocks`
-        blocks in all), for another engine's `import_prefix`; None when none of those is cached. Safe from any
-        thread: blocks evicted while they were copied are cut off."""
-        run = self.block_manager.cached_run(token_ids, max_blocks)
-        if len(run) <= start_block:
-            return None
-        keys, values = self.model_runner.read_blocks([block_id for block_id, _ in run[start_block:]])
-        num_valid = self.block_manager.still_held(run) - start_block
-        if num_valid <= 0:
-            return None
-        return PrefixKV(start_block, keys[:, :num_valid], values[:, :num_valid])
-
-    def import_prefix(self, token_ids: list[int], prefix: PrefixKV) -> int:
-        """Cache another engine's K/V of `token_ids`' full blocks (see `BlockManager.import_blocks`): a request with
-        this prefix then finds them like any prefix-cache hit. Returns how many blocks were taken."""
-        self.model_runner.check_block_kv(prefix.keys, prefix.values)  # before any block changes hands
-        block_ids = self.block_manager.import_blocks(token_ids, prefix.start_block, prefix.num_blocks)
-        if block_ids:
-            count = len(block_ids)
-            self.model_runner.write_blocks(block_ids, prefix.keys[:, :count], prefix.values[:, :count])
-        return len(block_ids)
 
     # --- statistics -------------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@ holding its prefix (busy) does not prefill it again.
 
 The request router knows which replica holds how much of a request's prefix; when it sends the request elsewhere
 it passes the holder's `KVTransferServer` address along (`kv_source`). The receiving replica then asks the holder
-for the blocks it lacks (`fetch_prefix`), caches them (`LLMEngine.import_prefix`) and only then queues the request,
+for the blocks it lacks (`fetch_prefix`), caches them (`import_prefix`) and only then queues the request,
 whose admission finds them like any prefix-cache hit. The holder answers from its serving thread without waiting
 for its engine: blocks are copied out of the cache as they are, and any that were evicted during the copy are cut
 off (`BlockManager.still_held`).
@@ -23,9 +23,13 @@ import socket
 import socketserver
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from replicas.engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +51,39 @@ class PrefixKV:
         return self.keys.shape[1]
 
 
-class PrefixExporter(Protocol):
-    def export_prefix(self, token_ids: list[int], start_block: int, max_blocks: int) -> PrefixKV | None: ...
+def export_prefix(engine: LLMEngine, token_ids: list[int], start_block: int, max_blocks: int) -> PrefixKV | None:
+    """Copies of the K/V of `token_ids`' cached leading full blocks from `start_block` on (at most `max_blocks`
+    blocks in all), for another engine's `import_prefix`; None when none of those is cached. Safe from any
+    thread: blocks evicted while they were copied are cut off."""
+    run = engine.block_manager.cached_run(token_ids, max_blocks)
+    if len(run) <= start_block:
+        return None
+    keys, values = engine.model_runner.read_blocks([block_id for block_id, _ in run[start_block:]])
+    num_valid = engine.block_manager.still_held(run) - start_block
+    if num_valid <= 0:
+        return None
+    return PrefixKV(start_block, keys[:, :num_valid], values[:, :num_valid])
+
+
+def import_prefix(engine: LLMEngine, token_ids: list[int], prefix: PrefixKV) -> int:
+    """Cache another engine's K/V of `token_ids`' full blocks (see `BlockManager.import_blocks`): a request with
+    this prefix then finds them like any prefix-cache hit. Engine thread only. Returns how many blocks were taken."""
+    engine.model_runner.check_block_kv(prefix.keys, prefix.values)  # before any block changes hands
+    block_ids = engine.block_manager.import_blocks(token_ids, prefix.start_block, prefix.num_blocks)
+    if block_ids:
+        count = len(block_ids)
+        engine.model_runner.write_blocks(block_ids, prefix.keys[:, :count], prefix.values[:, :count])
+    return len(block_ids)
+
+
+ExportPrefix = Callable[[list[int], int, int], "PrefixKV | None"]  # (token_ids, start_block, max_blocks)
 
 
 class KVTransferServer:
-    """Serves `exporter.export_prefix` to other replicas over TCP on 127.0.0.1, from a thread of its own."""
+    """Serves `export` (an engine's `export_prefix`) to other replicas over TCP on 127.0.0.1, from a thread of its
+    own."""
 
-    def __init__(self, exporter: PrefixExporter, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, export: ExportPrefix, host: str = "127.0.0.1", port: int = 0) -> None:
         server = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -63,7 +92,7 @@ class KVTransferServer:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 server._answer(self.rfile, self.wfile)
 
-        self._exporter = exporter
+        self._export = export
         self._server = socketserver.ThreadingTCPServer((host, port), Handler, bind_and_activate=True)
         self._server.daemon_threads = True
         self.address = "%s:%d" % self._server.server_address[:2]
@@ -75,7 +104,7 @@ class KVTransferServer:
         try:
             request = json.loads(reader.readline(_MAX_REQUEST_BYTES))
             token_ids = [int(token) for token in request["token_ids"]]
-            prefix = self._exporter.export_prefix(token_ids, int(request["start_block"]), int(request["max_blocks"]))
+            prefix = self._export(token_ids, int(request["start_block"]), int(request["max_blocks"]))
         except Exception as error:  # noqa: BLE001 — a bad request only ends its connection
             logger.warning("kv transfer: refused a request: %s", error)
             return

@@ -5,13 +5,21 @@ they are copied out are cut off; nothing is leaked or double-counted; the TCP tr
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from replicas import LLMEngine
-from replicas.kv_transfer import KVTransferServer, PrefixKV, fetch_prefix, free_port_address
+from replicas.kv_transfer import (
+    KVTransferServer,
+    PrefixKV,
+    export_prefix,
+    fetch_prefix,
+    free_port_address,
+    import_prefix,
+)
 from tests.engine.helpers import greedy, make_engine, random_prompts, run_to_completion
 
 BLOCK_SIZE = 8
@@ -43,12 +51,12 @@ def holder(tiny_llama_dir: Path) -> tuple[LLMEngine, list[int]]:
 def test_imported_prefix_is_a_cache_hit_with_the_same_greedy_output(tiny_llama_dir: Path, holder) -> None:
     source, prompt = holder
     follow_up = prompt + random_prompts(1, 20, 20, seed=4)[0]
-    prefix = source.export_prefix(follow_up, start_block=0, max_blocks=64)
+    prefix = export_prefix(source, follow_up, start_block=0, max_blocks=64)
     assert prefix is not None and prefix.start_block == 0 and prefix.num_blocks == len(prompt) // BLOCK_SIZE
 
     receiver = engine_with(tiny_llama_dir)
     before = bookkeeping(receiver)
-    assert receiver.import_prefix(follow_up, prefix) == prefix.num_blocks
+    assert import_prefix(receiver, follow_up, prefix) == prefix.num_blocks
     free, cached, live = bookkeeping(receiver)
     assert (free, cached, live) == (before[0], before[1] + prefix.num_blocks, before[2])  # free and cached, not live
     assert receiver.stats().num_imported_tokens == prefix.num_blocks * BLOCK_SIZE
@@ -67,9 +75,9 @@ def test_only_the_missing_blocks_are_fetched_and_chained_on(tiny_llama_dir: Path
     generate(receiver, "shorter", prompt[:3 * BLOCK_SIZE + 1])  # caches blocks 0-2 of the same prompt
     have = len(receiver.block_manager.cached_run(prompt, 64))
     assert have == 3
-    prefix = source.export_prefix(prompt, start_block=have, max_blocks=64)
+    prefix = export_prefix(source, prompt, start_block=have, max_blocks=64)
     assert prefix is not None and prefix.start_block == 3 and prefix.num_blocks == len(prompt) // BLOCK_SIZE - 3
-    assert receiver.import_prefix(prompt, prefix) == prefix.num_blocks
+    assert import_prefix(receiver, prompt, prefix) == prefix.num_blocks
     assert len(receiver.block_manager.cached_run(prompt, 64)) == len(prompt) // BLOCK_SIZE
     hits_before = receiver.stats().prefix_cache_hits
     assert generate(receiver, "full", prompt) == generate(engine_with(tiny_llama_dir), "full", prompt)
@@ -81,23 +89,23 @@ def test_blocks_that_no_longer_chain_on_are_not_imported(tiny_llama_dir: Path, h
     """A prefix starting past what the receiver holds (its blocks were evicted meanwhile) imports nothing."""
     source, prompt = holder
     receiver = engine_with(tiny_llama_dir)
-    prefix = source.export_prefix(prompt, start_block=2, max_blocks=64)
+    prefix = export_prefix(source, prompt, start_block=2, max_blocks=64)
     assert prefix is not None
     before = bookkeeping(receiver)
-    assert receiver.import_prefix(prompt, prefix) == 0
+    assert import_prefix(receiver, prompt, prefix) == 0
     assert bookkeeping(receiver) == before and not receiver.block_manager.cached_block_ids
 
 
 def test_a_cache_of_another_layout_is_refused_before_anything_changes(tiny_llama_dir: Path, holder) -> None:
     source, prompt = holder
-    prefix = source.export_prefix(prompt, start_block=0, max_blocks=64)
+    prefix = export_prefix(source, prompt, start_block=0, max_blocks=64)
     receiver = engine_with(tiny_llama_dir)
     before = bookkeeping(receiver)
     wrong = PrefixKV(0, prefix.keys.bfloat16(), prefix.values.bfloat16())
     with pytest.raises(ValueError, match="do not fit this cache"):
-        receiver.import_prefix(prompt, wrong)
+        import_prefix(receiver, prompt, wrong)
     with pytest.raises(ValueError, match="do not fit this cache"):
-        receiver.import_prefix(prompt, PrefixKV(0, prefix.keys[:-1], prefix.values[:-1]))  # a layer short
+        import_prefix(receiver, prompt, PrefixKV(0, prefix.keys[:-1], prefix.values[:-1]))  # a layer short
     assert bookkeeping(receiver) == before and not receiver.block_manager.cached_block_ids
 
 
@@ -117,20 +125,20 @@ def test_blocks_evicted_while_copied_out_are_cut_off(holder) -> None:
 
 def test_import_stops_when_no_block_is_free(tiny_llama_dir: Path, holder) -> None:
     source, prompt = holder
-    prefix = source.export_prefix(prompt, start_block=0, max_blocks=64)
+    prefix = export_prefix(source, prompt, start_block=0, max_blocks=64)
     receiver = engine_with(tiny_llama_dir)
     manager = receiver.block_manager
     manager.num_total_blocks = 3  # a full cache: only three blocks exist
-    assert receiver.import_prefix(prompt, prefix) == 3
+    assert import_prefix(receiver, prompt, prefix) == 3
     assert len(manager.cached_run(prompt, 64)) == 3
 
 
 def test_transfer_over_tcp_delivers_what_export_gives(holder) -> None:
     source, prompt = holder
-    server = KVTransferServer(source)
+    server = KVTransferServer(partial(export_prefix, source))
     try:
         fetched = asyncio.run(fetch_prefix(server.address, prompt, 2, 64, timeout_s=30))
-        expected = source.export_prefix(prompt, 2, 64)
+        expected = export_prefix(source, prompt, 2, 64)
         assert fetched is not None and fetched.start_block == 2
         assert torch.equal(fetched.keys, expected.keys) and torch.equal(fetched.values, expected.values)
         assert asyncio.run(fetch_prefix(server.address, [1, 2, 3] * 9, 0, 64, timeout_s=30)) is None  # not cached
