@@ -4,6 +4,7 @@
     python -m bench.offline --tiny     # a seeded 4-layer, 64-wide Llama, 24 requests: the engine's own overhead
     python -m bench.offline --profile  # a decode-only step by op, per attention backend (bench/decode_profile.py)
     python -m bench.offline --compile-ab          # also the mixed workload with EngineConfig.compile flipped
+    python -m bench.offline --gemm-ab             # fp32 weights packed by MKL (default) against oneDNN
     python -m bench.offline --dtype bfloat16      # bf16 weights, % of a bf16 GEMM peak
 
 Prints tok/s and ratios, the engine's pure-decode FLOP/s as a fraction of this machine's measured fp32 GEMM peak,
@@ -17,6 +18,7 @@ import argparse
 import json
 import random
 import time
+from unittest import mock
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -255,6 +257,39 @@ def fused_ab(llm: LLM, workload: list[Request], reference: list[list[int]], flop
             **agreement}  # fmt: skip
 
 
+def interleaved_ab(llm: LLM, other_llm: LLM, workload: list[Request],
+                   reference: list[list[int]]) -> tuple[list[float], list[float], dict[str, float]]:  # fmt: skip
+    """The workload on two engines alternately (2 runs each, the other first), so a loaded machine's drift hits both
+    alike: tok/s of each run of `llm`, of `other_llm`, and the greedy agreement of `other_llm` with `reference`."""
+    tok_s: tuple[list[float], list[float]] = ([], [])
+    other_outputs: list[list[int]] = []
+    for _ in range(2):
+        for index, engine_llm in ((1, other_llm), (0, llm)):
+            tokens, elapsed, _ = run_engine(engine_llm, workload, other_outputs if index else None)
+            tok_s[index].append(tokens / elapsed)
+    return tok_s[0], tok_s[1], greedy_agreement(reference, other_outputs[: len(workload)])
+
+
+def gemm_ab(args: argparse.Namespace, llm: LLM, workload: list[Request], reference: list[list[int]],
+            flops: float, peak: float) -> dict[str, object]:  # fmt: skip
+    """float32 packed weights: MKL's packed sgemm (the default, `llm`) against oneDNN's packing (the default before)
+    on a second engine, run alternately: tok/s of each, their ratio, greedy agreement of oneDNN's outputs."""
+    if args.dtype != "float32" or not llm.engine.config.prepack_weights or llm.engine.config.compile:
+        print("GEMM A/B: needs float32 prepacked weights, eager (nothing to compare)")
+        return {}
+    with mock.patch.object(torch.backends.mkl, "is_available", lambda: False):  # PackedLinear picks at load
+        onednn_llm = workload_llm(args)
+    mkl_tok_s, onednn_tok_s, agreement = interleaved_ab(llm, onednn_llm, workload, reference)
+    del onednn_llm
+    output_tokens = sum(r.max_tokens for r in workload)
+    best_mkl, best_onednn = max(mkl_tok_s), max(onednn_tok_s)
+    print(f"packed GEMM A/B on the mixed workload (best of 2, interleaved): MKL {best_mkl:.1f} tok/s = "
+          f"{flops * best_mkl / output_tokens / peak:.0%} of the GEMM peak, oneDNN {best_onednn:.1f} tok/s = "
+          f"{flops * best_onednn / output_tokens / peak:.0%}; MKL / oneDNN {best_mkl / best_onednn:.3f}; greedy "
+          f"outputs identical {agreement['identical_outputs']:.1%}")  # fmt: skip
+    return {"mkl_tok_s": mkl_tok_s, "onednn_tok_s": onednn_tok_s, "ratio": best_mkl / best_onednn, **agreement}
+
+
 def compile_ab(args: argparse.Namespace, llm: LLM, workload: list[Request], reference: list[list[int]],
                flops: float, peak: float) -> dict[str, object]:  # fmt: skip
     """The mixed workload with `compile` flipped, run alternately with the first engine (2 runs each), so a loaded
@@ -263,13 +298,8 @@ def compile_ab(args: argparse.Namespace, llm: LLM, workload: list[Request], refe
     start = time.perf_counter()
     other_llm = workload_llm(args, compile=other)
     print(f"engine with compile={other} ready in {time.perf_counter() - start:.1f} s")
-    tok_s: dict[bool, list[float]] = {True: [], False: []}
-    other_outputs: list[list[int]] = []
-    for _ in range(2):
-        for engine_llm, compiled in ((other_llm, other), (llm, not other)):
-            tokens, elapsed, _ = run_engine(engine_llm, workload, other_outputs if compiled == other else None)
-            tok_s[compiled].append(tokens / elapsed)
-    agreement = greedy_agreement(reference, other_outputs[: len(workload)])
+    first_tok_s, other_tok_s, agreement = interleaved_ab(llm, other_llm, workload, reference)
+    tok_s = {other: other_tok_s, not other: first_tok_s}
     compiled_tok_s, eager_tok_s = max(tok_s[True]), max(tok_s[False])
     print(f"compile A/B on the mixed workload (best of 2, interleaved): compiled {compiled_tok_s:.1f} tok/s = "
           f"{flops * compiled_tok_s / sum(r.max_tokens for r in workload) / peak:.0%} of the GEMM peak, eager "
@@ -306,6 +336,8 @@ def main() -> None:
                              "HF); bfloat16 prints %% of a bf16 GEMM peak")
     parser.add_argument("--fused-ab", action="store_true",
                         help="also run the mixed workload with the fused elementwise ops off and on, interleaved")
+    parser.add_argument("--gemm-ab", action="store_true",
+                        help="also the mixed workload on fp32 weights packed by oneDNN (the default before MKL's)")
     parser.add_argument("--compile-ab", action="store_true",
                         help="also run the mixed workload with EngineConfig.compile flipped, interleaved twice: the "
                              "tok/s ratio and greedy agreement")
@@ -372,6 +404,8 @@ def main() -> None:
               f"{flipped['identical_outputs']:.1%} of outputs identical")  # fmt: skip
     if args.fused_ab:
         results["fused_ab"] = fused_ab(llm, workload, reference, flops, peak)
+    if args.gemm_ab:
+        results["gemm_ab"] = gemm_ab(args, llm, workload, reference, flops, peak)
     if args.compile_ab:
         results["compile_ab"] = compile_ab(args, llm, workload, reference, flops, peak)
     if args.kv_cache_dtype:

@@ -1,11 +1,15 @@
-"""CPU Linear layers with weights reordered once into oneDNN's blocked layout.
+"""CPU Linear layers with weights reordered once at load into a GEMM library's packed layout.
 
 MKL multiplies the plain `[out, in]` weight and splits skinny GEMMs (decode steps: M <= 64 rows) poorly over
-threads; oneDNN's `_linear_pointwise` on a weight packed once at load runs them faster on the same cores
-(measured by `python -m bench.offline --prepack-ab`). It is the packing Inductor's freezing does, without a compile.
-NOTE: oneDNN creates and caches a primitive per distinct row count, with memory of its own: unpadded, a replica
-serving varied step sizes grew by ~400 MiB over its first thousand requests (bench.soak); rows are padded to a
-bounded set (`padded_rows`), and a 30-minute soak then grew each replica by at most 2.9% (the default since).
+threads. A weight packed once at load runs them faster on the same cores (`python -m bench.offline --prepack-ab`);
+it is the packing Inductor's freezing does, without a compile:
+- float32: MKL's packed sgemm (`cblas_sgemm_pack` / `cblas_sgemm_compute`). Against oneDNN's packed weights below,
+  the default model's 120 decoder GEMMs ran 1.31x faster at 64 rows, 1.14x at 32, 1.0-1.1x below 32 rows and at
+  prefill sizes (`python -m bench.packed_gemm`; Xeon, 2 threads). MKL keeps nothing per shape.
+- bfloat16 (CPUs with AMX or AVX512_BF16; MKL has no packed bf16 GEMM): oneDNN's `_linear_pointwise`. NOTE: oneDNN
+  creates and caches a primitive per distinct row count, with memory of its own: unpadded, a replica serving varied
+  step sizes grew by ~400 MiB over its first thousand requests (bench.soak); rows are padded to a bounded set
+  (`padded_rows`), and a 30-minute soak then grew each replica by at most 2.9%.
 """
 
 from __future__ import annotations
@@ -42,16 +46,29 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """`y = x @ W.T + b` with `W` held in oneDNN's layout (the plain weight is dropped: no second copy)."""
+    """`y = x @ W.T + b` with `W` held in MKL's (float32) or oneDNN's (bfloat16) packed layout (the plain weight is
+    dropped: no second copy)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+        self.uses_mkl = weight.dtype == torch.float32 and torch.backends.mkl.is_available()
+        if self.uses_mkl:
+            self.packed_weight = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), PACK_BATCH_HINT)
+            # `_mkl_linear` reads only the plain weight's shape and dtype when it runs the packed GEMM (it does for
+            # any row count it is told is the packing's): a one-element stand-in keeps the memory of a single copy.
+            self._weight_shape = torch.zeros(1, dtype=weight.dtype).expand(weight.shape)
+        else:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.shape[0]
+        if self.uses_mkl:
+            # NOTE: MKL's packed B serves any M (tested against float64 on row counts 1-2,048); torch takes the
+            # packed path only when M equals the op's last argument (else it multiplies the plain weight): pass M.
+            packed, shape = self.packed_weight, self._weight_shape
+            return torch.ops.mkl._mkl_linear(hidden.contiguous(), packed, shape, self.bias, rows)
         padded = padded_rows(rows)
         if padded != rows:
             hidden = F.pad(hidden, (0, 0, 0, padded - rows))

@@ -1,4 +1,5 @@
-"""oneDNN-packed Linear weights (`prepack_weights`): the same products as the plain layout, on every CPU model."""
+"""Packed Linear weights (`prepack_weights`: MKL's packed sgemm for float32, oneDNN for bfloat16): the same products as
+the plain layout, on every CPU model and row count."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 300), in_features=st.integers(1, 700), out_features=st.integers(1, 700),
+@given(rows=st.integers(1, 2048), in_features=st.integers(1, 700), out_features=st.integers(1, 700),
        bias=st.booleans(), seed=st.integers(0, 2**16))  # fmt: skip
 def test_packed_linear_matches_a_float64_reference(
     rows: int, in_features: int, out_features: int, bias: bool, seed: int
 ) -> None:
+    """Any row count, whatever the packing was made for. NOTE: the MKL layer holds a zero stand-in for the plain
+    weight, so a call that fell back to the plain path would return the bias alone and fail here."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(out_features, in_features, generator=generator)
     bias_tensor = torch.randn(out_features, generator=generator) if bias else None
@@ -56,6 +59,12 @@ def test_packed_bf16_linear_matches_a_float64_reference(
     scale = hidden.double().abs() @ weight.double().abs().T + bias.double().abs() + 1e-30
     assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
     assert ((out.double() - reference).abs() / scale).max().item() <= 2**-8 + 1e-5 * max(1, in_features**0.5)
+
+
+def test_float32_weights_use_mkls_packing_where_torch_has_mkl() -> None:
+    layer = PackedLinear(torch.randn(8, 4), None)
+    assert layer.uses_mkl is torch.backends.mkl.is_available()
+    assert not PackedLinear(torch.randn(8, 4).bfloat16(), None).uses_mkl
 
 
 def test_non_contiguous_rows_are_accepted() -> None:
