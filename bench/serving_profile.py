@@ -5,7 +5,9 @@ tokens, EOS ignored) through `/v1/completions` of deploy/config.yaml's applicati
 through the engine offline in this process (same engine settings, the threads the replica computes with), then one
 user alone (served and offline). Reads every process's CPU time from /proc before and after the pass and prints
 each group's share of the run (replica, ingress, proxy, Serve controller, Ray daemons, client) beside tokens per
-second, and the replica's stream messages per output token. Results: bench/results/serving_profile-<label>.json.
+second, and the replica's stream messages per output token. Both passes are also given as a fraction of this
+machine's GEMM peak in the engine's dtype, measured before the cluster starts (FLOPs counted as bench.offline does).
+Results: bench/results/serving_profile-<label>.json.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def stream_summary(records: list[StreamRecord], wall_s: float) -> dict[str, Any]
         raise RuntimeError(f"no request completed; first error: {errors[0] if errors else 'none'}")
     return {
         "requests": len(records), "failed": len(records) - len(done), "first_error": errors[0] if errors else None, "output_tokens": tokens,
-        "tok_s": tokens / wall_s if wall_s else 0.0,
+        "tok_s": tokens / wall_s if wall_s else 0.0, "wall_s": wall_s,
         "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99),
         "itl_p50_ms": 1000 * percentile(gaps, 0.5), "itl_p99_ms": 1000 * percentile(gaps, 0.99),
         "events_per_token": sum(r.events for r in done) / tokens if tokens else 0.0,
@@ -151,6 +153,7 @@ def stream_summary(records: list[StreamRecord], wall_s: float) -> dict[str, Any]
 
 def offline_run(model: Path, engine_config: dict[str, Any], specs: list[RequestSpec]) -> dict[str, Any]:
     """The same requests through `LLM.generate` in this process, then one request alone (time per output token)."""
+    from bench.offline import Request, workload_flops
     from replicas.llm import LLM
     from replicas.sampling_params import SamplingParams
 
@@ -162,6 +165,9 @@ def offline_run(model: Path, engine_config: dict[str, Any], specs: list[RequestS
     wall_s = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     engine, per_token = llm.engine, []
+    runner = engine.model_runner
+    computed = [Request(o.prompt_token_ids, len(o.outputs[0].token_ids)) for o in outputs]
+    flops = workload_flops(runner.model, runner.hf_config, computed)
     for i, spec in enumerate(specs[:3]):
         engine.add_request(f"alone-{i}", spec.prompt, SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True))
         first = end = None
@@ -172,8 +178,8 @@ def offline_run(model: Path, engine_config: dict[str, Any], specs: list[RequestS
                 end = now
         per_token.append(1000 * (end - first) / 127)
     del llm, engine
-    return {"output_tokens": tokens, "wall_s": wall_s, "tok_s": tokens / wall_s,
-            "one_user_per_token_ms": statistics.median(per_token)}  # fmt: skip
+    return {"output_tokens": tokens, "wall_s": wall_s, "tok_s": tokens / wall_s, "workload_flops": flops,
+            "dtype": str(runner.dtype).removeprefix("torch."), "one_user_per_token_ms": statistics.median(per_token)}
 
 
 def stream_messages(cluster: ServeCluster) -> dict[str, int]:
@@ -198,7 +204,7 @@ def run_profile(model: Path, users: int, seed: int, label: str, log_dir: Path, n
     cluster = ServeCluster({VARIANT: dict(engine_overrides or {})}, model, log_dir, num_cpus=num_cpus,
                            app_overrides=app_overrides)  # fmt: skip
     result: dict[str, Any] = {"label": label, "users": users, "seed": seed, "engine_overrides": engine_overrides,
-                              "app_overrides": app_overrides}  # fmt: skip
+                              "app_overrides": app_overrides, "gemm_peak_gflops": gemm_peaks(num_cpus)}  # fmt: skip
     try:
         print("starting Ray and `serve run` ...", flush=True)
         cluster.start()
@@ -230,10 +236,30 @@ def run_profile(model: Path, users: int, seed: int, label: str, log_dir: Path, n
     result["offline"] = offline_run(model, engine, specs)
     result["offline"]["one_user_per_token_ms_alone"] = result["offline"].pop("one_user_per_token_ms")
     result["ratio_served_to_offline"] = result["served"]["tok_s"] / result["offline"]["tok_s"]
+    peak = result["gemm_peak_gflops"].get(result["offline"]["dtype"])
+    if peak:
+        for run in (result["served"], result["offline"]):
+            run["fraction_of_gemm_peak"] = result["offline"]["workload_flops"] / run["wall_s"] / (peak * 1e9)
     result["one_user_served_over_offline"] = (result["served_one_user_per_token_ms"]
                                               / result["offline"]["one_user_per_token_ms_alone"])  # fmt: skip
     result["served"].pop("per_token_ms")
     return result
+
+
+def gemm_peaks(threads: int) -> dict[str, float]:
+    """This machine's GEMM peak (GFLOP/s) on `threads` threads: float32, and bfloat16 where the CPU multiplies it."""
+    import torch
+
+    from bench.offline import measure_gemm_peak
+    from kernels.cpu_features import cpu_has_bf16_compute
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_bf16_compute() else [])
+        return {str(dtype).removeprefix("torch."): measure_gemm_peak(dtype=dtype) / 1e9 for dtype in dtypes}
+    finally:
+        torch.set_num_threads(previous)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -249,6 +275,7 @@ def report(result: dict[str, Any]) -> str:
         f"served {served['tok_s']:.1f} tok/s, {versus}; TTFT p50 {served['ttft_p50_s']:.2f} s, "
         f"p99 {served['ttft_p99_s']:.2f} s; ITL p50 {served['itl_p50_ms']:.0f} ms, p99 {served['itl_p99_ms']:.0f} ms; "
         f"{served['failed']} failed",
+        peak_line(result),
         f"one user: {result['served_one_user_per_token_ms']:.1f} ms/token served, {alone}; "
         f"replica stream messages per output token {result['replica_messages_per_token'] or 0:.2f}, "
         f"SSE events per token {served['events_per_token']:.2f}",
@@ -265,6 +292,16 @@ def report(result: dict[str, Any]) -> str:
                     for g in ("ingress", "proxy", "serve controller", "serve run (driver)", "ray daemons"))  # fmt: skip
     lines.append(f"| **Serve + Ray (all but replica and client)** | | | | **{100 * serve_ray:.1f}%** |")
     return "\n".join(lines)
+
+
+def peak_line(result: dict[str, Any]) -> str:
+    offline = result.get("offline")
+    if not offline or "fraction_of_gemm_peak" not in offline:
+        return "fraction of the GEMM peak: needs the offline pass"
+    dtype = offline["dtype"]
+    return (f"{100 * result['served']['fraction_of_gemm_peak']:.0f}% of the measured {dtype} GEMM peak served, "
+            f"{100 * offline['fraction_of_gemm_peak']:.0f}% offline (peak {result['gemm_peak_gflops'][dtype]:.0f} "
+            f"GFLOP/s, {offline['workload_flops'] / 1e12:.2f} TFLOP: 2 x parameters per computed token + attention)")
 
 
 def save(result: dict[str, Any], output_dir: Path = RESULTS_DIR) -> Path:

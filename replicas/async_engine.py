@@ -63,18 +63,24 @@ class AsyncEngine:
     """
 
     def __init__(self, config: EngineConfig | LLMEngine, idle_wait_s: float = 0.05) -> None:
-        self.engine = config if isinstance(config, LLMEngine) else LLMEngine(config)
-        self._model_info = self.engine.model_info()
+        """Given a config, the engine is built on the engine thread (see `_build`); returns once it is ready, or
+        raises what building it raised."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._idle_wait_s = idle_wait_s
-        self._stats = self.engine.stats()
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         # Monotonic time of the loop's last sign of life (a step, or an idle wait): the health check reads it.
         self.heartbeat = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        built: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(config, built), name="engine-loop", daemon=True)
         self._thread.start()
+        engine = built.get()
+        if not isinstance(engine, LLMEngine):
+            self._thread.join()
+            raise engine
+        self._model_info = engine.model_info()
+        self._stats = engine.stats()
 
     # --- caller side (any thread with an event loop) ----------------------------------------------------------
 
@@ -163,7 +169,19 @@ class AsyncEngine:
 
     # --- engine thread ----------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig | LLMEngine, built: queue.SimpleQueue) -> None:
+        try:
+            # NOTE: built here, the engine's load, warm-up and steps start every OpenMP region from this one thread.
+            # libgomp keeps a worker pool per thread that starts regions; once pooled threads outnumber the CPUs it
+            # cuts its workers' spin-wait to a few iterations, and each region (hundreds per step) then waits ~0.1
+            # ms for a sleeping worker: built on the caller's thread, one served stream ran 1.56x slower than
+            # offline on 2 vCPUs (README, "The serving path").
+            engine = config if isinstance(config, LLMEngine) else LLMEngine(config)
+        except BaseException as error:  # noqa: BLE001 — raised in the caller's thread
+            built.put(error)
+            return
+        self.engine = engine
+        built.put(engine)
         try:
             while not self._stopping.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished())
