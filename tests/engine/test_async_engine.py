@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from replicas import AsyncEngine, RequestError, SamplingParams
+from replicas import async_engine as async_engine_module
+from replicas.config import EngineConfig
 from tests.engine.helpers import greedy, make_engine, random_prompts, run_to_completion
 
 
@@ -163,3 +167,44 @@ def test_a_request_queued_while_the_engine_loop_dies_is_answered(tiny_llama_dir:
     assert isinstance(running_error, EngineDeadError) and isinstance(queued_error, EngineDeadError)
     assert not async_engine.is_alive
     async_engine.shutdown()
+
+
+def test_a_config_builds_the_engine_on_the_engine_thread(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The load, warm-up and every step then start their OpenMP regions from one thread (one worker pool)."""
+    built_on: list[str] = []
+
+    class RecordingEngine(async_engine_module.LLMEngine):
+        def __init__(self, config: EngineConfig) -> None:
+            built_on.append(threading.current_thread().name)
+            super().__init__(config)
+
+    monkeypatch.setattr(async_engine_module, "LLMEngine", RecordingEngine)
+    config = EngineConfig(model=str(tiny_llama_dir), kv_cache_memory_bytes=32 * 1024 * 1024, num_threads=2,
+                          dtype="float32")  # fmt: skip
+    engine = AsyncEngine(config)
+    try:
+        assert built_on == ["engine-loop"] and isinstance(engine.engine, RecordingEngine)
+        prompt = random_prompts(1, 12, 12, seed=5)[0]
+
+        async def collect() -> list[int]:
+            tokens: list[int] = []
+            async for output in engine.generate("built-here", prompt_token_ids=prompt, params=greedy(6)):
+                tokens.extend(output.outputs[0].token_ids)
+            return tokens
+
+        offline = make_engine(tiny_llama_dir)
+        offline.add_request("offline", prompt_token_ids=prompt, params=greedy(6))
+        assert asyncio.run(collect()) == run_to_completion(offline)["offline"][0]
+    finally:
+        engine.shutdown()
+
+
+def test_an_engine_that_fails_to_build_raises_in_the_caller(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    for path in tiny_llama_dir.iterdir():
+        if path.suffix != ".safetensors":  # a model directory without its weights
+            shutil.copy(path, tmp_path / path.name)
+    threads_before = threading.active_count()
+    with pytest.raises(Exception, match="safetensors") as raised:
+        AsyncEngine(EngineConfig(model=str(tmp_path), num_threads=1, dtype="float32"))
+    assert not isinstance(raised.value, AssertionError)
+    assert threading.active_count() == threads_before  # the engine thread is gone too
