@@ -58,9 +58,9 @@ class EngineConfig(BaseModel):
     )
     prepack_weights: bool = Field(
         default=True,
-        description="CPU, float32, eager: Linear weights reordered once at load into oneDNN's blocked layout (skinny "
-        "decode GEMMs 1.3-1.7x faster than MKL on the plain layout here). oneDNN keeps a primitive per distinct row "
-        "count; rows are padded to a bounded set, and a 30-minute soak grew a replica by 2.9% at most (README)",
+        description="CPU, eager: Linear weights reordered once at load into a packed layout, float32 for MKL's packed "
+        "sgemm (decode GEMMs 1.35x oneDNN's packing and 1.3x MKL on the plain layout at 64 rows here), bfloat16 "
+        "for oneDNN (rows padded to a bounded set: oneDNN keeps a primitive per distinct row count) (README)",
     )
     compile: bool = Field(
         default=False,
