@@ -60,11 +60,14 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
 
 
+def engine_config(model_dir: Path, kv_bytes: int, num_seqs: int) -> EngineConfig:
+    return EngineConfig(model=str(model_dir), kv_cache_memory_bytes=kv_bytes, max_num_seqs=num_seqs,
+                        max_num_batched_tokens=max(2048, num_seqs * PROMPT_LEN), max_model_len=4096,
+                        block_size=16, num_threads=torch.get_num_threads())  # fmt: skip
+
+
 def make_engine(model_dir: Path, kv_bytes: int, num_seqs: int) -> LLMEngine:
-    config = EngineConfig(model=str(model_dir), kv_cache_memory_bytes=kv_bytes, max_num_seqs=num_seqs,
-                          max_num_batched_tokens=max(2048, num_seqs * PROMPT_LEN), max_model_len=4096,
-                          block_size=16, num_threads=torch.get_num_threads())  # fmt: skip
-    return LLMEngine(config)
+    return LLMEngine(engine_config(model_dir, kv_bytes, num_seqs))
 
 
 class ForwardTimer:
@@ -117,8 +120,8 @@ def run_offline(model_dir: Path, kv_bytes: int, num_seqs: int, steps: int, warmu
 
 
 def run_async(model_dir: Path, kv_bytes: int, num_seqs: int, steps: int, warmup: int) -> dict[str, float]:
-    engine = make_engine(model_dir, kv_bytes, num_seqs)
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine_config(model_dir, kv_bytes, num_seqs))  # built on its thread, as a replica's
+    engine = async_engine.engine
     timer = ForwardTimer(engine)
     window: dict[str, float] = {}
 
