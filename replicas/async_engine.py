@@ -10,11 +10,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from replicas import kv_transfer
 from replicas.config import EngineConfig
 from replicas.contract import ModelInfo, RequestOutput, ResumeState, merge_deltas
 from replicas.engine import LLMEngine
 from replicas.intake import OutputKind
-from replicas import kv_transfer
 from replicas.kv_transfer import PrefixKV
 from replicas.outputs import EngineStats
 from replicas.sampling_params import SamplingParams
@@ -63,7 +63,7 @@ class AsyncEngine:
     """
 
     def __init__(self, config: EngineConfig | LLMEngine, idle_wait_s: float = 0.05) -> None:
-        """Given a config, the engine is built on the engine thread (see `_build`); returns once it is ready, or
+        """Given a config, the engine is built on the engine thread (see `_run`); returns once it is ready, or
         raises what building it raised."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

@@ -22,8 +22,8 @@ import logging
 import socket
 import socketserver
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
