@@ -191,12 +191,18 @@ class LLMReplica:
         ).to_dict()
 
     def __del__(self) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the metrics thread, the prefix server and the engine. NOTE: a process that exits with the prefix
+        server still open hangs or aborts at exit ("terminate called without an active exception")."""
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.shutdown()
         kv_server = getattr(self, "kv_server", None)
         if kv_server is not None:
             kv_server.close()
+            self.kv_server = None
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown(timeout_s=2.0)

@@ -22,7 +22,7 @@ def replica(tiny_llama_dir: Path):
         {"model": str(tiny_llama_dir), "kv_cache_memory_bytes": 4 * 2**20, "num_threads": 1}, stall_timeout_s=5.0
     )
     yield instance
-    instance.engine.shutdown()
+    instance.shutdown()
 
 
 def generate(replica, prompt: list[int], max_tokens: int, request_id: str = "r1", **kwargs: object) -> list:
@@ -57,8 +57,8 @@ def test_streams_over_the_message_rate_get_merged_deltas(tiny_llama_dir: Path) -
         assert "".join(o.outputs[0].text for o in merged) == "".join(o.outputs[0].text for o in plain)
         assert capped.stream_counters() == {"messages": len(merged), "tokens": 40}
     finally:
-        capped.engine.shutdown()
-        uncapped.engine.shutdown()
+        capped.shutdown()
+        uncapped.shutdown()
 
 
 def test_reported_prefix_hashes_are_the_ones_the_router_computes(replica) -> None:
@@ -161,7 +161,7 @@ def test_a_replica_fetches_the_prefix_blocks_it_lacks_from_the_holder(tiny_llama
     finally:
         for instance in (holder, receiver, cut_off):
             instance.kv_server.close()
-            instance.engine.shutdown()
+            instance.shutdown()
 
 
 def tokens_of(outputs: list) -> list[int]:
