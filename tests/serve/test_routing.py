@@ -72,7 +72,11 @@ def test_requests_sharing_a_prefix_land_on_the_same_replica(tiny_app: ServedApp)
     results = run(sequence())
     after = finished_per_replica("tiny")
     served = {name: after[name] - before.get(name, 0) for name in after}
-    assert sorted(served.values()) == [0, 7], served
+    # NOTE: with the prefix transfer on, a holder whose last routing report still shows the previous request
+    # running may look busy, and the router then sends the request elsewhere with the holder's address (it fetches
+    # the prefix): seen once in ~10 runs on a loaded machine (2 of 7 elsewhere). The holder still serves most, and
+    # every follow-up finds the prefix cached wherever it ran.
+    assert sum(served.values()) == 7 and max(served.values()) >= 5, served
     for result in results[1:]:
         assert result["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16 * 8
 
