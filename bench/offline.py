@@ -75,6 +75,11 @@ def flops_per_token(model: torch.nn.Module, hf_config: object, context_len: floa
     return 2 * linear + attention
 
 
+def peak_fraction(flops: float, tok_s: float, workload: list[Request], peak: float) -> float:
+    """The fraction of `peak` a run of `workload` (`flops` in all) at `tok_s` output tokens per second reaches."""
+    return flops * tok_s / sum(r.max_tokens for r in workload) / peak
+
+
 def workload_flops(model: torch.nn.Module, hf_config: object, workload: list[Request]) -> float:
     """Matmul FLOPs of computing every prompt and output token of the workload once (prompt tokens attend to half
     their prompt on average, output tokens to the prompt plus half the output)."""
@@ -248,10 +253,9 @@ def fused_ab(llm: LLM, workload: list[Request], reference: list[list[int]], flop
         bind_cpu_ops(runner.model, ops)
     agreement = greedy_agreement(reference, eager_outputs[: len(workload)])
     fused_tok_s, eager_tok_s = max(tok_s[True]), max(tok_s[False])
-    output_tokens = sum(r.max_tokens for r in workload)
     print(f"fused elementwise A/B on the mixed workload (best of 2, interleaved): fused {fused_tok_s:.1f} tok/s = "
-          f"{flops * fused_tok_s / output_tokens / peak:.0%} of the GEMM peak, eager ATen ops {eager_tok_s:.1f} tok/s = "
-          f"{flops * eager_tok_s / output_tokens / peak:.0%}; fused / eager {fused_tok_s / eager_tok_s:.3f}; greedy "
+          f"{peak_fraction(flops, fused_tok_s, workload, peak):.0%} of the GEMM peak, eager ATen ops {eager_tok_s:.1f} tok/s = "
+          f"{peak_fraction(flops, eager_tok_s, workload, peak):.0%}; fused / eager {fused_tok_s / eager_tok_s:.3f}; greedy "
           f"outputs identical {agreement['identical_outputs']:.1%}")  # fmt: skip
     return {"fused_tok_s": tok_s[True], "eager_tok_s": tok_s[False], "ratio": fused_tok_s / eager_tok_s,
             **agreement}  # fmt: skip
@@ -281,11 +285,10 @@ def gemm_ab(args: argparse.Namespace, llm: LLM, workload: list[Request], referen
         onednn_llm = workload_llm(args)
     mkl_tok_s, onednn_tok_s, agreement = interleaved_ab(llm, onednn_llm, workload, reference)
     del onednn_llm
-    output_tokens = sum(r.max_tokens for r in workload)
     best_mkl, best_onednn = max(mkl_tok_s), max(onednn_tok_s)
     print(f"packed GEMM A/B on the mixed workload (best of 2, interleaved): MKL {best_mkl:.1f} tok/s = "
-          f"{flops * best_mkl / output_tokens / peak:.0%} of the GEMM peak, oneDNN {best_onednn:.1f} tok/s = "
-          f"{flops * best_onednn / output_tokens / peak:.0%}; MKL / oneDNN {best_mkl / best_onednn:.3f}; greedy "
+          f"{peak_fraction(flops, best_mkl, workload, peak):.0%} of the GEMM peak, oneDNN {best_onednn:.1f} tok/s = "
+          f"{peak_fraction(flops, best_onednn, workload, peak):.0%}; MKL / oneDNN {best_mkl / best_onednn:.3f}; greedy "
           f"outputs identical {agreement['identical_outputs']:.1%}")  # fmt: skip
     return {"mkl_tok_s": mkl_tok_s, "onednn_tok_s": onednn_tok_s, "ratio": best_mkl / best_onednn, **agreement}
 
@@ -302,7 +305,7 @@ def compile_ab(args: argparse.Namespace, llm: LLM, workload: list[Request], refe
     tok_s = {other: other_tok_s, not other: first_tok_s}
     compiled_tok_s, eager_tok_s = max(tok_s[True]), max(tok_s[False])
     print(f"compile A/B on the mixed workload (best of 2, interleaved): compiled {compiled_tok_s:.1f} tok/s = "
-          f"{flops * compiled_tok_s / sum(r.max_tokens for r in workload) / peak:.0%} of the GEMM peak, eager "
+          f"{peak_fraction(flops, compiled_tok_s, workload, peak):.0%} of the GEMM peak, eager "
           f"{eager_tok_s:.1f} tok/s; compiled / eager {compiled_tok_s / eager_tok_s:.3f}; greedy outputs identical "
           f"{agreement['identical_outputs']:.1%}")  # fmt: skip
     del other_llm
