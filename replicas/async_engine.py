@@ -97,7 +97,7 @@ class AsyncEngine:
 
     def recent_prefix_hashes(self, limit: int) -> list[bytes]:
         """The most recently registered prefix-cache block hashes, oldest first (any thread)."""
-        return self.engine.block_manager.recent_prefix_hashes(limit)
+        return self.engine.block_manager.prefix_cache.recent_hashes(limit)
 
     def export_prefix(self, token_ids: list[int], start_block: int, max_blocks: int) -> PrefixKV | None:
         """`kv_transfer.export_prefix`, from any thread (it never waits for the engine thread)."""
@@ -105,7 +105,7 @@ class AsyncEngine:
 
     def cached_prefix_blocks(self, token_ids: list[int], max_blocks: int) -> int:
         """How many of `token_ids`' leading full blocks (at most `max_blocks`) the prefix cache holds (any thread)."""
-        return len(self.engine.block_manager.cached_run(token_ids, max_blocks))
+        return len(self.engine.block_manager.prefix_cache.cached_run(token_ids, max_blocks))
 
     def import_prefix(self, token_ids: list[int], prefix: PrefixKV) -> None:
         """Queue `kv_transfer.import_prefix`: it runs before any request queued after this call is added."""

@@ -1,4 +1,5 @@
-"""Paged KV cache bookkeeping: fixed-size blocks, block tables, reference counts, prefix cache, copy-on-write.
+"""Paged KV cache bookkeeping: fixed-size blocks, block tables, reference counts, copy-on-write, and when blocks
+enter and leave the prefix cache (the index itself is `replicas/prefix_cache.py`).
 
 The block manager owns no tensors. It decides which physical block holds which tokens of which sequence and
 writes `seq.block_table`; the model runner turns that into slot mappings and block tables for the kernels. Its
@@ -8,12 +9,12 @@ and block records are made the first time a block is used, so a cache of million
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from replicas.contract import extend_block_hashes
+from replicas.prefix_cache import PrefixCache
 from replicas.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class BlockManager:
         self.reserve_tokens_per_seq = reserve_tokens_per_seq
         self.blocks: list[KVBlock] = []  # block i is made when first used; ids >= len(blocks) are fresh
         self.free_block_ids: OrderedDict[int, None] = OrderedDict()  # used, now unreferenced; LRU first
-        self.cached_block_ids: dict[bytes, int] = {}  # registration order: most recent last
+        self.prefix_cache = PrefixCache(self.blocks, block_size, enable_prefix_caching)
         self.pending_copies: list[tuple[int, int]] = []
         self.num_cached_free_blocks = 0  # free blocks that still hold a registered prefix
         self.num_live_slots = 0  # filled slots of referenced blocks, a shared block counted once
@@ -71,7 +72,7 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    # --- prefix cache ----------------------------------------------------------------------------------------
+    # --- prefix cache: lookups, registration, blocks imported from another engine ------------------------------
 
     def block_hashes(self, seq: Sequence) -> list[bytes]:
         """`seq.block_hashes` brought up to its full blocks, last token excluded (each block is hashed once)."""
@@ -86,45 +87,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        return self._match(self.block_hashes(seq), seq.token_ids)
-
-    def _match(self, block_hashes: list[bytes], token_ids: list[int]) -> list[int]:
-        """Registered blocks holding the leading run of these blocks (chained `block_hashes` of `token_ids`).
-        Only reads: from another thread it gives a snapshot (`still_held` says whether it still holds)."""
-        matched: list[int] = []
-        for block_index, block_hash in enumerate(block_hashes):
-            block_id = self.cached_block_ids.get(block_hash)
-            if block_id is None:
-                break
-            block = self.blocks[block_id]
-            start = block_index * self.block_size
-            # NOTE: the hash only finds a candidate; tokens and the parent link decide, so a collision can cost a
-            # cache miss but never serve another prefix's K/V.
-            expected_parent = None if not matched else (matched[-1], self.blocks[matched[-1]].generation)
-            if block.parent != expected_parent or block.token_ids != tuple(token_ids[start : start + self.block_size]):
-                break
-            matched.append(block_id)
-        return matched
-
-    # --- moving a prefix between engines (replicas/kv_transfer.py) --------------------------------------------
-
-    def cached_run(self, token_ids: list[int], max_blocks: int) -> list[tuple[int, int]]:
-        """(block id, generation) of the registered blocks holding `token_ids`' leading full blocks (at most
-        `max_blocks`). Safe from another thread; the blocks may be evicted meanwhile: check with `still_held`."""
-        if not self.enable_prefix_caching:
-            return []
-        hashes: list[bytes] = []
-        extend_block_hashes(hashes, token_ids, self.block_size, min(len(token_ids) // self.block_size, max_blocks))
-        blocks = self.blocks
-        return [(block_id, blocks[block_id].generation) for block_id in self._match(hashes, token_ids)]
-
-    def still_held(self, run: list[tuple[int, int]]) -> int:
-        """How many leading blocks of a `cached_run` still hold what they held then: a block's content is only
-        overwritten after it is taken again, which bumps its generation."""
-        for index, (block_id, generation) in enumerate(run):
-            if self.blocks[block_id].generation != generation:
-                return index
-        return len(run)
+        return self.prefix_cache.match(self.block_hashes(seq), seq.token_ids)
 
     def import_blocks(self, token_ids: list[int], start_block: int, num_blocks: int) -> list[int]:
         """Register fresh blocks for `token_ids`' full blocks `start_block` .. `start_block + num_blocks - 1`,
@@ -136,7 +99,8 @@ class BlockManager:
             return []
         hashes: list[bytes] = []
         extend_block_hashes(hashes, token_ids, self.block_size, start_block + num_blocks)
-        matched = self._match(hashes, token_ids)
+        cache = self.prefix_cache
+        matched = cache.match(hashes, token_ids)
         if len(matched) < start_block:
             return []
         held = matched[:start_block]
@@ -144,11 +108,11 @@ class BlockManager:
             self._claim(block_id)
         new_ids: list[int] = []
         for block_index in range(start_block, start_block + num_blocks):
-            if self.num_free_blocks == 0 or hashes[block_index] in self.cached_block_ids:
+            if self.num_free_blocks == 0 or hashes[block_index] in cache.cached_block_ids:
                 break  # no room, or cached here already (or a colliding hash): nothing further can chain on
             block = self._take_free_block()
             parent_id = (held + new_ids)[-1] if block_index else None
-            self._register(block, hashes[block_index], token_ids, block_index, parent_id)
+            cache.register(block, hashes[block_index], token_ids, block_index, parent_id)
             block.num_filled_slots = self.block_size
             self.num_live_slots += self.block_size
             new_ids.append(block.block_id)
@@ -164,28 +128,18 @@ class BlockManager:
         if num_full <= seq.num_registered_blocks:
             return
         extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, num_full)
+        cache = self.prefix_cache
         for block_index in range(seq.num_registered_blocks, num_full):
             block_hash = seq.block_hashes[block_index]
             block = self.blocks[seq.block_table[block_index]]
-            if block.block_hash is not None or block_hash in self.cached_block_ids:
+            if block.block_hash is not None or block_hash in cache.cached_block_ids:
                 continue  # already registered (a prefix hit or a fork), or an identical block is
             parent_hash = seq.block_hashes[block_index - 1] if block_index else None
-            parent_id = self.cached_block_ids.get(parent_hash) if parent_hash is not None else None
+            parent_id = cache.cached_block_ids.get(parent_hash) if parent_hash is not None else None
             if parent_hash is not None and parent_id is None:
                 continue  # the parent was evicted: this block could never be matched
-            self._register(block, block_hash, seq.token_ids, block_index, parent_id)
+            cache.register(block, block_hash, seq.token_ids, block_index, parent_id)
         seq.num_registered_blocks = num_full
-
-    def recent_prefix_hashes(self, limit: int) -> list[bytes]:
-        """The most recently registered block hashes, oldest first. Safe to call from another thread: a resize
-        caught mid-copy is retried, and a slightly stale view is fine for routing."""
-        for _ in range(3):
-            try:
-                newest_first = list(itertools.islice(reversed(self.cached_block_ids), limit))
-                return newest_first[::-1]
-            except RuntimeError:
-                continue
-        return []
 
     # --- allocation -------------------------------------------------------------------------------------------
 
@@ -293,14 +247,6 @@ class BlockManager:
                 if block.block_hash is not None:
                     self.num_cached_free_blocks += 1
 
-    def _register(self, block: KVBlock, block_hash: bytes, token_ids: list[int], block_index: int,
-                  parent_id: int | None) -> None:  # fmt: skip
-        """Make `block` (holding `token_ids`' block `block_index`) findable by the prefix cache."""
-        start = block_index * self.block_size
-        block.block_hash, block.token_ids = block_hash, tuple(token_ids[start : start + self.block_size])
-        block.parent = None if parent_id is None else (parent_id, self.blocks[parent_id].generation)
-        self.cached_block_ids[block_hash] = block.block_id
-
     def _take_free_block(self) -> KVBlock:
         if len(self.blocks) < self.num_total_blocks:  # never used: no cached content to evict
             block = KVBlock(len(self.blocks))
@@ -310,9 +256,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.block_hash is not None:  # evict: its content is about to be overwritten
                 self.num_cached_free_blocks -= 1
-                if self.cached_block_ids.get(block.block_hash) == block_id:
-                    del self.cached_block_ids[block.block_hash]
-                block.block_hash, block.token_ids, block.parent = None, None, None
+                self.prefix_cache.forget(block)
             block.generation += 1
         block.ref_count = 1
         block.num_filled_slots = 0

@@ -6,7 +6,7 @@ it passes the holder's `KVTransferServer` address along (`kv_source`). The recei
 for the blocks it lacks (`fetch_prefix`), caches them (`import_prefix`) and only then queues the request,
 whose admission finds them like any prefix-cache hit. The holder answers from its serving thread without waiting
 for its engine: blocks are copied out of the cache as they are, and any that were evicted during the copy are cut
-off (`BlockManager.still_held`).
+off (`PrefixCache.still_held`).
 
 Wire format, one request per connection: the client sends a JSON line `{"token_ids": [...], "start_block": i,
 "max_blocks": n}`; the server answers a JSON line `{"num_blocks": m, "shape": [...], "dtype": "bfloat16"}` (m may
@@ -55,11 +55,11 @@ def export_prefix(engine: LLMEngine, token_ids: list[int], start_block: int, max
     """Copies of the K/V of `token_ids`' cached leading full blocks from `start_block` on (at most `max_blocks`
     blocks in all), for another engine's `import_prefix`; None when none of those is cached. Safe from any
     thread: blocks evicted while they were copied are cut off."""
-    run = engine.block_manager.cached_run(token_ids, max_blocks)
+    run = engine.block_manager.prefix_cache.cached_run(token_ids, max_blocks)
     if len(run) <= start_block:
         return None
     keys, values = engine.model_runner.read_blocks([block_id for block_id, _ in run[start_block:]])
-    num_valid = engine.block_manager.still_held(run) - start_block
+    num_valid = engine.block_manager.prefix_cache.still_held(run) - start_block
     if num_valid <= 0:
         return None
     return PrefixKV(start_block, keys[:, :num_valid], values[:, :num_valid])

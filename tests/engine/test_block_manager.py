@@ -128,7 +128,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def cache_index_points_at_registered_blocks(self) -> None:
-        for block_hash, block_id in self.manager.cached_block_ids.items():
+        for block_hash, block_id in self.manager.prefix_cache.cached_block_ids.items():
             assert self.manager.blocks[block_id].block_hash == block_hash
 
 

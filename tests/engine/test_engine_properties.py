@@ -147,7 +147,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert len(used) + manager.num_free_blocks == manager.num_total_blocks
         hashed_free = sum(1 for block_id in manager.free_block_ids if manager.blocks[block_id].block_hash is not None)
         assert manager.num_cached_free_blocks == hashed_free
-        for block_hash, block_id in manager.cached_block_ids.items():
+        for block_hash, block_id in manager.prefix_cache.cached_block_ids.items():
             assert manager.blocks[block_id].block_hash == block_hash
 
     @invariant()

@@ -73,12 +73,12 @@ def test_only_the_missing_blocks_are_fetched_and_chained_on(tiny_llama_dir: Path
     source, prompt = holder
     receiver = engine_with(tiny_llama_dir)
     generate(receiver, "shorter", prompt[:3 * BLOCK_SIZE + 1])  # caches blocks 0-2 of the same prompt
-    have = len(receiver.block_manager.cached_run(prompt, 64))
+    have = len(receiver.block_manager.prefix_cache.cached_run(prompt, 64))
     assert have == 3
     prefix = export_prefix(source, prompt, start_block=have, max_blocks=64)
     assert prefix is not None and prefix.start_block == 3 and prefix.num_blocks == len(prompt) // BLOCK_SIZE - 3
     assert import_prefix(receiver, prompt, prefix) == prefix.num_blocks
-    assert len(receiver.block_manager.cached_run(prompt, 64)) == len(prompt) // BLOCK_SIZE
+    assert len(receiver.block_manager.prefix_cache.cached_run(prompt, 64)) == len(prompt) // BLOCK_SIZE
     hits_before = receiver.stats().prefix_cache_hits
     assert generate(receiver, "full", prompt) == generate(engine_with(tiny_llama_dir), "full", prompt)
     # At least one token is always computed: the last full block is a hit only if a token follows it.
@@ -93,7 +93,7 @@ def test_blocks_that_no_longer_chain_on_are_not_imported(tiny_llama_dir: Path, h
     assert prefix is not None
     before = bookkeeping(receiver)
     assert import_prefix(receiver, prompt, prefix) == 0
-    assert bookkeeping(receiver) == before and not receiver.block_manager.cached_block_ids
+    assert bookkeeping(receiver) == before and not receiver.block_manager.prefix_cache.cached_block_ids
 
 
 def test_a_cache_of_another_layout_is_refused_before_anything_changes(tiny_llama_dir: Path, holder) -> None:
@@ -106,19 +106,19 @@ def test_a_cache_of_another_layout_is_refused_before_anything_changes(tiny_llama
         import_prefix(receiver, prompt, wrong)
     with pytest.raises(ValueError, match="do not fit this cache"):
         import_prefix(receiver, prompt, PrefixKV(0, prefix.keys[:-1], prefix.values[:-1]))  # a layer short
-    assert bookkeeping(receiver) == before and not receiver.block_manager.cached_block_ids
+    assert bookkeeping(receiver) == before and not receiver.block_manager.prefix_cache.cached_block_ids
 
 
 def test_blocks_evicted_while_copied_out_are_cut_off(holder) -> None:
     source, prompt = holder
     manager = source.block_manager
-    run = manager.cached_run(prompt, 64)
-    assert manager.still_held(run) == len(run)
+    run = manager.prefix_cache.cached_run(prompt, 64)
+    assert manager.prefix_cache.still_held(run) == len(run)
     # A block taken again (evicted, about to be overwritten) bumps its generation: from there on the run is cut.
     block = manager.blocks[run[4][0]]
     block.generation += 1
     try:
-        assert manager.still_held(run) == 4
+        assert manager.prefix_cache.still_held(run) == 4
     finally:
         block.generation -= 1
 
@@ -130,7 +130,7 @@ def test_import_stops_when_no_block_is_free(tiny_llama_dir: Path, holder) -> Non
     manager = receiver.block_manager
     manager.num_total_blocks = 3  # a full cache: only three blocks exist
     assert import_prefix(receiver, prompt, prefix) == 3
-    assert len(manager.cached_run(prompt, 64)) == 3
+    assert len(manager.prefix_cache.cached_run(prompt, 64)) == 3
 
 
 def test_transfer_over_tcp_delivers_what_export_gives(holder) -> None:
