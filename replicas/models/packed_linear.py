@@ -91,5 +91,5 @@ def prepack_linears(model: nn.Module) -> int:
     if getattr(model, "lm_head", False) is None:  # tied to the input embedding
         model.lm_head = PackedLinear(model.get_input_embeddings().weight, None)
         packed += 1
-    logger.info("prepacked %d Linear weights into oneDNN's blocked layout", packed)
+    logger.info("prepacked %d Linear weights (fp32: MKL's packed layout; bf16: oneDNN's)", packed)
     return packed
