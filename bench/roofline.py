@@ -156,8 +156,8 @@ def main() -> None:
     torch.set_num_threads(engine.config.resolved_num_threads())
     dtype = getattr(torch, args.dtype)
     machine = Machine(measure_gemm_peak(dtype=dtype), measure_read_bandwidth())
-    print(f"{args.dtype} GEMM peak {machine.peak_flops / 1e9:.0f} GFLOP/s, DRAM read {machine.bandwidth / 1e9:.1f} GB/s "
-          f"({torch.get_num_threads()} threads)", flush=True)  # fmt: skip
+    print(f"{args.dtype} GEMM peak {machine.peak_flops / 1e9:.0f} GFLOP/s, DRAM read "
+          f"{machine.bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)", flush=True)  # fmt: skip
     cost = ModelCost.of(engine)
     workload = make_workload(args.num_requests, args.seed, engine.vocab_size)
     flops = workload_flops(engine.model_runner.model, engine.model_runner.hf_config, workload)
@@ -186,8 +186,8 @@ def main() -> None:
     attention_s = cost.attention_floor_s(decode, machine)
     measured_gemm_s = time_gemms(cost, 64, dtype)
     share_at_floor = attention_s / (attention_s + measured_gemm_s)
-    print(f"\nDecode-only step, batch 64, context 300: attention floor {1000 * attention_s:.1f} ms (its KV cache at the "
-          f"bandwidth), GEMM floor {1000 * gemm_s:.1f} ms, GEMMs measured here {1000 * measured_gemm_s:.1f} ms: with "
+    print(f"\nDecode-only step, batch 64, context 300: attention floor {1000 * attention_s:.1f} ms (its KV cache at "
+          f"the bandwidth), GEMM floor {1000 * gemm_s:.1f} ms, GEMMs measured here {1000 * measured_gemm_s:.1f} ms: with "
           f"attention at its floor it would still be {share_at_floor:.0%} of the step "
           f"({attention_s / (attention_s + gemm_s):.0%} with GEMMs at theirs)")  # fmt: skip
     RESULTS_DIR.mkdir(exist_ok=True)
