@@ -187,8 +187,8 @@ def main() -> None:
     measured_gemm_s = time_gemms(cost, 64, dtype)
     share_at_floor = attention_s / (attention_s + measured_gemm_s)
     print(f"\nDecode-only step, batch 64, context 300: attention floor {1000 * attention_s:.1f} ms (its KV cache at "
-          f"the bandwidth), GEMM floor {1000 * gemm_s:.1f} ms, GEMMs measured here {1000 * measured_gemm_s:.1f} ms: with "
-          f"attention at its floor it would still be {share_at_floor:.0%} of the step "
+          f"the bandwidth), GEMM floor {1000 * gemm_s:.1f} ms, GEMMs measured here {1000 * measured_gemm_s:.1f} ms: "
+          f"with attention at its floor it would still be {share_at_floor:.0%} of the step "
           f"({attention_s / (attention_s + gemm_s):.0%} with GEMMs at theirs)")  # fmt: skip
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"roofline-{args.dtype}.json"
