@@ -10,7 +10,7 @@ least its FLOPs at the peak or the KV cache it reads at the bandwidth; the layer
 workload's ceiling is bench.offline's credited FLOPs (2 x parameters per token plus attention) over the peak times
 the summed floors: the fraction of the GEMM peak a perfect engine with this schedule would print. Also, for a
 decode-only step at batch 64 and context ~300 (bench.offline --profile's), the attention share if attention ran at
-the bandwidth floor and the GEMMs as fast as they run here. Writes bench/results/roofline-<dtype>.json.
+the bandwidth floor and the GEMMs as fast as they run here. Writes bench/results/roofline-<dtype>[-kv-<kv dtype>].json.
 """
 
 from __future__ import annotations
@@ -191,7 +191,8 @@ def main() -> None:
           f"with attention at its floor it would still be {share_at_floor:.0%} of the step "
           f"({attention_s / (attention_s + gemm_s):.0%} with GEMMs at theirs)")  # fmt: skip
     RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"roofline-{args.dtype}.json"
+    kv_suffix = "" if args.kv_cache_dtype == "auto" else f"-kv-{args.kv_cache_dtype}"
+    path = RESULTS_DIR / f"roofline-{args.dtype}{kv_suffix}.json"
     path.write_text(json.dumps({
         "machine": machine_description(), "cpu_flags": cpu_flags(), "dtype": args.dtype,
         "kv_cache_dtype": str(engine.model_runner.kv_dtype), "gemm_peak_gflops": machine.peak_flops / 1e9,
