@@ -305,6 +305,7 @@ def peak_line(result: dict[str, Any]) -> str:
 
 
 def save(result: dict[str, Any], output_dir: Path = RESULTS_DIR) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"serving_profile-{result['label']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     path.with_suffix(".md").write_text(report(result) + "\n")
