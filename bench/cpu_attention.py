@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from bench.machine import cpu_flags, cpu_model
+from bench.timing import timed
 from kernels.cpu_fused_backend import CpuFusedAttentionBackend
 from kernels.torch_backend import TorchAttentionBackend
 from tests.kernels.paged_batches import BatchSpec, make_batch
@@ -31,16 +30,6 @@ CASES = {
     "mixed: 4 chunks of 256 after 256 cached + 16 decodes": ((512, 256),) * 4 + tuple((300 + i, 1) for i in range(16)),
     "prefill 2 x 1024": ((1024, 1024),) * 2,
 }
-
-
-def timed(fn: Callable[[], object], repeats: int) -> list[float]:
-    fn()  # warm-up: first-touch pages, plans
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def summary(times: list[float]) -> dict[str, float]:

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from bench.machine import cpu_flags, cpu_model
+from bench.timing import best_seconds
 from replicas import LLM, LLMEngine, SamplingParams
 from replicas.model_runner import cpu_has_bf16_compute
 from replicas.default_model import DEFAULT_MODEL_DIR
@@ -56,13 +57,7 @@ def make_workload(num_requests: int, seed: int, vocab_size: int) -> list[Request
 def measure_gemm_peak(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """Best observed GEMM FLOP/s of `dtype` on this machine with the current torch thread count."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
+    return 2 * size**3 / best_seconds(lambda: a @ b, repeats)
 
 
 def flops_per_token(model: torch.nn.Module, hf_config: object, context_len: float) -> float:

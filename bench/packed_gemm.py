@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from transformers import AutoConfig
 
 from bench.machine import cpu_flags, cpu_model
 from bench.offline import measure_gemm_peak
+from bench.timing import best_seconds
 from replicas.default_model import DEFAULT_MODEL_DIR
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -73,13 +73,7 @@ def main() -> None:
         x = {inp: torch.randn(rows, inp) for inp, _ in shapes}
         best = {}
         for layout in layouts:
-            run(layout, x, rows)
-            timings = []
-            for _ in range(4 if rows < 512 else 2):
-                start = time.perf_counter()
-                run(layout, x, rows)
-                timings.append(time.perf_counter() - start)
-            best[layout] = min(timings)
+            best[layout] = best_seconds(lambda: run(layout, x, rows), 4 if rows < 512 else 2)
         table.append({"rows": rows, **{f"{k}_ms": 1000 * v for k, v in best.items()},
                       "mkl_fraction_of_peak": flops_per_row * rows / best["mkl"] / peak})  # fmt: skip
         print(f"| {rows} | {1000 * best['plain']:.1f} | {1000 * best['onednn']:.1f} | {1000 * best['mkl']:.1f} | "

@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 
 from bench.machine import cpu_flags, machine_description
 from bench.offline import make_workload, measure_gemm_peak, peak_fraction, run_engine, workload_flops, workload_llm
+from bench.timing import best_seconds
 from replicas.default_model import DEFAULT_MODEL_DIR
 from replicas.engine import LLMEngine
 from replicas.models.packed_linear import PackedLinear
@@ -40,13 +41,7 @@ STEP_CLASSES = ("prefill", "decode 32+", "decode 8-31", "decode 1-7")
 def measure_read_bandwidth(num_bytes: int = 1024**3, repeats: int = 5) -> float:
     """Best observed bytes/s of summing a `num_bytes` fp32 tensor with the current torch thread count."""
     data = torch.ones(num_bytes // 4)
-    data.sum()
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = max(best, num_bytes / (time.perf_counter() - start))
-    return best
+    return num_bytes / best_seconds(data.sum, repeats)
 
 
 @dataclass
@@ -81,7 +76,6 @@ class ModelCost:
     weight_bytes: int  # per element
     kv_bytes_per_token: int  # all layers, K and V
     attention_flops_per_key: int  # per query token and key, all layers and heads (QK and PV)
-    extra: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, engine: LLMEngine) -> ModelCost:
@@ -164,15 +158,15 @@ def main() -> None:
     with recorded_steps(engine) as steps:
         tokens, elapsed, _ = run_engine(llm, workload)
     floors = [cost.step_floor_s(step, machine) for step in steps]
+    total_s = sum(s.seconds for s in steps)
     measured_fraction = peak_fraction(flops, tokens / elapsed, workload, machine.peak_flops)
     ceiling = flops / machine.peak_flops / sum(floors)
     print(f"\n{len(workload)} requests, {tokens} output tokens in {elapsed:.1f} s ({tokens / elapsed:.1f} tok/s): "
-          f"{measured_fraction:.0%} of the peak; forward passes {sum(s.seconds for s in steps):.1f} s, their floors "
+          f"{measured_fraction:.0%} of the peak; forward passes {total_s:.1f} s, their floors "
           f"{sum(floors):.1f} s: **the roofline ceiling of this workload and schedule is {ceiling:.0%} of the peak**")
     print("\n| steps | count | measured s | floor s | floor / measured | share of measured time |")
     print("|---|---:|---:|---:|---:|---:|")
     by_class = []
-    total_s = sum(s.seconds for s in steps)
     for step_class in STEP_CLASSES:
         chosen = [(s, f) for s, f in zip(steps, floors) if s.step_class == step_class]
         measured_s, floor_s = sum(s.seconds for s, _ in chosen), sum(f for _, f in chosen)
@@ -210,14 +204,13 @@ def time_gemms(cost: ModelCost, rows: int, dtype: torch.dtype, repeats: int = 4)
     shapes = [*cost.decoder_linears, cost.lm_head]
     layers = [PackedLinear(torch.randn(o, i, dtype=dtype) * 0.02, None) for i, o in shapes]
     inputs = {i: torch.randn(rows, i, dtype=dtype) for i, _ in shapes}
-    best = float("inf")
+
+    def run() -> None:
+        for layer in layers:
+            layer(inputs[layer.in_features])
+
     with torch.inference_mode():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            for layer in layers:
-                layer(inputs[layer.in_features])
-            best = min(best, time.perf_counter() - start)
-    return best
+        return best_seconds(run, repeats)
 
 
 if __name__ == "__main__":
