@@ -51,7 +51,6 @@ class BlockManager:
     ) -> None:
         self.block_size = block_size
         self.num_total_blocks = num_blocks
-        self.enable_prefix_caching = enable_prefix_caching
         # Traditional allocation: reserve this many slots per sequence at admission (benchmarks only).
         self.reserve_tokens_per_seq = reserve_tokens_per_seq
         self.blocks: list[KVBlock] = []  # block i is made when first used; ids >= len(blocks) are fresh
@@ -63,6 +62,10 @@ class BlockManager:
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
         self.num_imported_blocks = 0  # blocks whose K/V came from another engine (`import_blocks`)
+
+    @property
+    def enable_prefix_caching(self) -> bool:
+        return self.prefix_cache.enabled
 
     @property
     def num_free_blocks(self) -> int:
