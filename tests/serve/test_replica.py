@@ -160,7 +160,6 @@ def test_a_replica_fetches_the_prefix_blocks_it_lacks_from_the_holder(tiny_llama
         assert cut_off.engine.stats().num_imported_tokens == 0 and cut_off.engine.stats().prefix_cache_hits == 0
     finally:
         for instance in (holder, receiver, cut_off):
-            instance.kv_server.close()
             instance.shutdown()
 
 
